@@ -1,0 +1,74 @@
+//! Admin HTTP on its own (by default loopback) address: `/healthz` (the process serves),
+//! `/readyz` (the store answers), `/metrics` (Prometheus text). Never exposes user data.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::metrics;
+use crate::model::UserId;
+use crate::state::Shared;
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| respond(req, shared.clone()));
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "admin connection");
+            }
+        });
+    }
+}
+
+async fn respond(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        (&Method::GET, "/readyz") => match shared.store.inbox_head(UserId(0)).await {
+            Ok(_) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            Err(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("store: {e}\n"),
+            ),
+        },
+        (&Method::GET, "/metrics") => {
+            metrics::online_users(shared.hub.online_users());
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics::render(),
+            )
+        }
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    Ok(resp)
+}

@@ -1,0 +1,455 @@
+//! One `Config` for the daemon, layered: built-in defaults < TOML file (`--config`) <
+//! `MESSENGER_*` environment variables < command-line flags. Every key is documented here and
+//! in `messengerd --help`; README.md lists them too.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+/// The daemon's complete configuration after layering.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the client port (TLS; native protocol).
+    pub listen: SocketAddr,
+    /// Address of the admin HTTP endpoint (/healthz, /metrics). Keep it private.
+    pub admin_listen: SocketAddr,
+    /// Directory for the embedded database and the generated development certificate.
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub sessions: Sessions,
+    pub passwords: Passwords,
+    pub store: StoreConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            data_dir: PathBuf::from("messenger-data"),
+            log_format: LogFormat::Text,
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            sessions: Sessions::default(),
+            passwords: Passwords::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain. When neither cert nor key is set, a development certificate
+    /// (and the CA that signed it) is generated in the data directory.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame accepted or sent, in bytes (length prefix excluded).
+    pub max_frame_bytes: usize,
+    /// Largest message body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most members a group may have, creator included.
+    pub max_group_members: usize,
+    /// Most messages one history page returns.
+    pub max_history_page: usize,
+    /// Most concurrent client connections.
+    pub max_connections: usize,
+    /// Most concurrent client connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Sustained messages per second one session may send.
+    pub messages_per_second: u32,
+    /// Burst of messages above the sustained rate.
+    pub message_burst: u32,
+    /// Failed logins per account per minute before further attempts are refused.
+    pub login_failures_per_account: u32,
+    /// Login and register attempts per IP address per minute.
+    pub auth_attempts_per_ip: u32,
+    /// Live deliveries queued per connection before it switches to catching up from the store.
+    pub outbound_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 256 * 1024,
+            max_body_bytes: 64 * 1024,
+            max_group_members: 5_000,
+            max_history_page: 200,
+            max_connections: 200_000,
+            max_connections_per_ip: 256,
+            messages_per_second: 50,
+            message_burst: 200,
+            login_failures_per_account: 10,
+            auth_attempts_per_ip: 120,
+            outbound_queue: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// TLS handshake plus `Hello` must complete within this many seconds.
+    pub handshake_secs: u64,
+    /// A connection must authenticate (login/resume/register+login) within this many seconds.
+    pub auth_secs: u64,
+    /// A connection that sends nothing for this many seconds is closed (clients ping).
+    pub idle_secs: u64,
+    /// A connection whose socket accepts no bytes for this many seconds is closed; it resumes
+    /// from its cursor when it reconnects.
+    pub write_stall_secs: u64,
+    /// On shutdown, how long connections get to flush `GoAway` before they are dropped.
+    pub shutdown_drain_secs: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake_secs: 10,
+            auth_secs: 30,
+            idle_secs: 120,
+            write_stall_secs: 60,
+            shutdown_drain_secs: 10,
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn handshake(&self) -> Duration {
+        Duration::from_secs(self.handshake_secs)
+    }
+    pub fn auth(&self) -> Duration {
+        Duration::from_secs(self.auth_secs)
+    }
+    pub fn idle(&self) -> Duration {
+        Duration::from_secs(self.idle_secs)
+    }
+    pub fn write_stall(&self) -> Duration {
+        Duration::from_secs(self.write_stall_secs)
+    }
+    pub fn shutdown_drain(&self) -> Duration {
+        Duration::from_secs(self.shutdown_drain_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sessions {
+    /// A session token expires this many seconds after its last login or resume.
+    pub ttl_secs: u64,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 30 * 24 * 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Passwords {
+    /// argon2id memory cost in KiB (OWASP: 19456).
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations (OWASP: 2).
+    pub argon2_iterations: u32,
+    /// argon2id lanes (OWASP: 1).
+    pub argon2_parallelism: u32,
+    /// Most password hashes computed at once; 0 means one per CPU core.
+    pub hash_concurrency: usize,
+    /// Shortest password accepted.
+    pub min_length: usize,
+}
+
+impl Default for Passwords {
+    fn default() -> Self {
+        Self {
+            argon2_memory_kib: 19_456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            hash_concurrency: 0,
+            min_length: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite database file; default `<data_dir>/messenger.db`.
+    pub sqlite_path: Option<PathBuf>,
+    /// fsync every group commit (true) or leave it to the OS (false: faster, but a power loss
+    /// can drop recently accepted messages).
+    pub sqlite_sync_full: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            sqlite_path: None,
+            sqlite_sync_full: true,
+        }
+    }
+}
+
+impl Config {
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.store
+            .sqlite_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("messenger.db"))
+    }
+
+    /// Checks relations between settings that serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        let l = &self.limits;
+        if l.max_frame_bytes < l.max_body_bytes + 4096 {
+            return Err(format!(
+                "limits.max_frame_bytes ({}) must exceed limits.max_body_bytes ({}) by at least 4096 bytes of envelope",
+                l.max_frame_bytes, l.max_body_bytes
+            ));
+        }
+        if l.max_frame_bytes > 16 * 1024 * 1024 {
+            return Err("limits.max_frame_bytes may be at most 16 MiB".into());
+        }
+        if l.outbound_queue == 0 || l.max_history_page == 0 || l.max_group_members < 2 {
+            return Err(
+                "limits.outbound_queue and limits.max_history_page must be > 0, limits.max_group_members >= 2"
+                    .into(),
+            );
+        }
+        if l.messages_per_second == 0 {
+            return Err("limits.messages_per_second must be > 0".into());
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err("tls.cert and tls.key must be set together".into());
+        }
+        Ok(())
+    }
+}
+
+/// Command line of `messengerd`. Each flag also reads the environment variable shown, and
+/// overrides the same key of the config file.
+#[derive(Debug, Parser)]
+#[command(name = "messengerd", version, about = "Messenger chat daemon", long_about = None)]
+pub struct Cli {
+    /// TOML configuration file (keys as in README.md; flags and environment override it).
+    #[arg(long, short = 'c', env = "MESSENGER_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub overrides: Overrides,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default when no subcommand is given).
+    Run,
+    /// Apply pending store migrations and exit.
+    Migrate,
+}
+
+#[derive(Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// Client port address (TLS) [default: 127.0.0.1:7443]
+    #[arg(long, env = "MESSENGER_LISTEN", global = true)]
+    pub listen: Option<SocketAddr>,
+    /// Admin HTTP address for /healthz and /metrics [default: 127.0.0.1:7480]
+    #[arg(long, env = "MESSENGER_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Data directory (database, development certificate) [default: messenger-data]
+    #[arg(long, env = "MESSENGER_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Log format [default: text]
+    #[arg(long, env = "MESSENGER_LOG_FORMAT", value_enum, global = true)]
+    pub log_format: Option<LogFormat>,
+    /// TLS certificate chain (PEM); without it a development certificate is generated
+    #[arg(long, env = "MESSENGER_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM)
+    #[arg(long, env = "MESSENGER_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// SQLite database file [default: <data-dir>/messenger.db]
+    #[arg(long, env = "MESSENGER_SQLITE_PATH", global = true)]
+    pub sqlite_path: Option<PathBuf>,
+    /// fsync every group commit of the SQLite store [default: true]
+    #[arg(long, env = "MESSENGER_SQLITE_SYNC_FULL", global = true)]
+    pub sqlite_sync_full: Option<bool>,
+    /// Largest frame in bytes [default: 262144]
+    #[arg(long, env = "MESSENGER_MAX_FRAME_BYTES", global = true)]
+    pub max_frame_bytes: Option<usize>,
+    /// Largest message body in bytes [default: 65536]
+    #[arg(long, env = "MESSENGER_MAX_BODY_BYTES", global = true)]
+    pub max_body_bytes: Option<usize>,
+    /// Most members per group [default: 5000]
+    #[arg(long, env = "MESSENGER_MAX_GROUP_MEMBERS", global = true)]
+    pub max_group_members: Option<usize>,
+    /// Most concurrent connections [default: 200000]
+    #[arg(long, env = "MESSENGER_MAX_CONNECTIONS", global = true)]
+    pub max_connections: Option<usize>,
+    /// Most concurrent connections per client IP [default: 256]
+    #[arg(long, env = "MESSENGER_MAX_CONNECTIONS_PER_IP", global = true)]
+    pub max_connections_per_ip: Option<usize>,
+    /// Sustained messages per second per session [default: 50]
+    #[arg(long, env = "MESSENGER_MESSAGES_PER_SECOND", global = true)]
+    pub messages_per_second: Option<u32>,
+    /// Message burst per session above the sustained rate [default: 200]
+    #[arg(long, env = "MESSENGER_MESSAGE_BURST", global = true)]
+    pub message_burst: Option<u32>,
+    /// Failed logins per account per minute [default: 10]
+    #[arg(long, env = "MESSENGER_LOGIN_FAILURES_PER_ACCOUNT", global = true)]
+    pub login_failures_per_account: Option<u32>,
+    /// Login/register attempts per IP per minute [default: 120]
+    #[arg(long, env = "MESSENGER_AUTH_ATTEMPTS_PER_IP", global = true)]
+    pub auth_attempts_per_ip: Option<u32>,
+    /// Live deliveries queued per connection before it catches up from the store [default: 512]
+    #[arg(long, env = "MESSENGER_OUTBOUND_QUEUE", global = true)]
+    pub outbound_queue: Option<usize>,
+    /// Seconds to finish TLS and Hello [default: 10]
+    #[arg(long, env = "MESSENGER_HANDSHAKE_TIMEOUT", global = true)]
+    pub handshake_timeout: Option<u64>,
+    /// Seconds to authenticate after connecting [default: 30]
+    #[arg(long, env = "MESSENGER_AUTH_TIMEOUT", global = true)]
+    pub auth_timeout: Option<u64>,
+    /// Seconds of client silence before the connection is closed [default: 120]
+    #[arg(long, env = "MESSENGER_IDLE_TIMEOUT", global = true)]
+    pub idle_timeout: Option<u64>,
+    /// Seconds a socket may accept no bytes before it is closed [default: 60]
+    #[arg(long, env = "MESSENGER_WRITE_STALL_TIMEOUT", global = true)]
+    pub write_stall_timeout: Option<u64>,
+    /// Seconds to drain connections on shutdown [default: 10]
+    #[arg(long, env = "MESSENGER_SHUTDOWN_DRAIN", global = true)]
+    pub shutdown_drain: Option<u64>,
+    /// Session token lifetime in seconds, renewed on each resume [default: 2592000]
+    #[arg(long, env = "MESSENGER_SESSION_TTL", global = true)]
+    pub session_ttl: Option<u64>,
+    /// argon2id memory cost in KiB [default: 19456]
+    #[arg(long, env = "MESSENGER_ARGON2_MEMORY_KIB", global = true)]
+    pub argon2_memory_kib: Option<u32>,
+    /// argon2id iterations [default: 2]
+    #[arg(long, env = "MESSENGER_ARGON2_ITERATIONS", global = true)]
+    pub argon2_iterations: Option<u32>,
+    /// Concurrent password hashes; 0 = CPU cores [default: 0]
+    #[arg(long, env = "MESSENGER_HASH_CONCURRENCY", global = true)]
+    pub hash_concurrency: Option<usize>,
+}
+
+impl Cli {
+    /// Builds the layered configuration: defaults, then the file, then env and flags.
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+                toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        self.overrides.apply(&mut config);
+        config.validate().map_err(anyhow::Error::msg)?;
+        Ok(config)
+    }
+}
+
+impl Overrides {
+    pub fn apply(&self, c: &mut Config) {
+        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
+            if let Some(v) = src {
+                *dst = v.clone();
+            }
+        }
+        set(&mut c.listen, &self.listen);
+        set(&mut c.admin_listen, &self.admin_listen);
+        set(&mut c.data_dir, &self.data_dir);
+        set(&mut c.log_format, &self.log_format);
+        if self.tls_cert.is_some() {
+            c.tls.cert = self.tls_cert.clone();
+        }
+        if self.tls_key.is_some() {
+            c.tls.key = self.tls_key.clone();
+        }
+        if self.sqlite_path.is_some() {
+            c.store.sqlite_path = self.sqlite_path.clone();
+        }
+        set(&mut c.store.sqlite_sync_full, &self.sqlite_sync_full);
+        let l = &mut c.limits;
+        set(&mut l.max_frame_bytes, &self.max_frame_bytes);
+        set(&mut l.max_body_bytes, &self.max_body_bytes);
+        set(&mut l.max_group_members, &self.max_group_members);
+        set(&mut l.max_connections, &self.max_connections);
+        set(&mut l.max_connections_per_ip, &self.max_connections_per_ip);
+        set(&mut l.messages_per_second, &self.messages_per_second);
+        set(&mut l.message_burst, &self.message_burst);
+        set(&mut l.login_failures_per_account, &self.login_failures_per_account);
+        set(&mut l.auth_attempts_per_ip, &self.auth_attempts_per_ip);
+        set(&mut l.outbound_queue, &self.outbound_queue);
+        let t = &mut c.timeouts;
+        set(&mut t.handshake_secs, &self.handshake_timeout);
+        set(&mut t.auth_secs, &self.auth_timeout);
+        set(&mut t.idle_secs, &self.idle_timeout);
+        set(&mut t.write_stall_secs, &self.write_stall_timeout);
+        set(&mut t.shutdown_drain_secs, &self.shutdown_drain);
+        set(&mut c.sessions.ttl_secs, &self.session_ttl);
+        let p = &mut c.passwords;
+        set(&mut p.argon2_memory_kib, &self.argon2_memory_kib);
+        set(&mut p.argon2_iterations, &self.argon2_iterations);
+        set(&mut p.hash_concurrency, &self.hash_concurrency);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_are_overridden_by_flags() {
+        let file: Config = toml::from_str(
+            "listen = \"0.0.0.0:9000\"\n[limits]\nmax_body_bytes = 1000\nmax_frame_bytes = 9000\n",
+        )
+        .expect("parse");
+        assert_eq!(file.limits.max_body_bytes, 1000);
+        assert_eq!(file.limits.max_history_page, 200, "unset keys keep defaults");
+        let mut c = file;
+        let o = Overrides {
+            listen: Some("127.0.0.1:1".parse().expect("addr")),
+            ..Overrides::default()
+        };
+        o.apply(&mut c);
+        assert_eq!(c.listen.port(), 1);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_relations_are_refused() {
+        assert!(toml::from_str::<Config>("listne = \"x\"").is_err());
+        let mut c = Config::default();
+        c.limits.max_frame_bytes = c.limits.max_body_bytes;
+        assert!(c.validate().is_err());
+    }
+}

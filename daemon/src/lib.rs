@@ -1,0 +1,21 @@
+//! messengerd as a library, so integration tests and tools can run the real server in-process.
+//! `main.rs` only parses the configuration and runs [`server::RunningServer`] until a signal.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod delivery;
+pub mod hub;
+pub mod limits;
+pub mod metrics;
+pub mod model;
+mod requests;
+pub mod server;
+mod session;
+pub mod state;
+pub mod store;
+pub mod tls;
+mod writer;
+
+pub use config::Config;
+pub use server::RunningServer;

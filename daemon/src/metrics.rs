@@ -1,0 +1,125 @@
+//! Every metric the daemon exports, named in one place. `/metrics` renders them in the
+//! Prometheus text format through the `metrics` facade; the recorder is process-global, so
+//! several in-process servers (tests) share it.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "messenger_connections";
+pub const CONNECTIONS_TOTAL: &str = "messenger_connections_accepted_total";
+pub const CONNECTIONS_REFUSED: &str = "messenger_connections_refused_total";
+pub const HANDSHAKE_FAILURES: &str = "messenger_tls_handshake_failures_total";
+pub const FRAMES_IN: &str = "messenger_frames_in_total";
+pub const FRAMES_OUT: &str = "messenger_frames_out_total";
+pub const MESSAGES_ACCEPTED: &str = "messenger_messages_accepted_total";
+pub const MESSAGES_DELIVERED: &str = "messenger_messages_delivered_total";
+pub const QUEUE_FULL: &str = "messenger_outbound_queue_full_total";
+pub const STALL_DISCONNECTS: &str = "messenger_write_stall_disconnects_total";
+pub const CATCH_UP_READS: &str = "messenger_catch_up_reads_total";
+pub const ERRORS: &str = "messenger_request_errors_total";
+pub const AUTH_FAILURES: &str = "messenger_auth_failures_total";
+pub const STORE_SECONDS: &str = "messenger_store_seconds";
+pub const PASSWORD_HASH_SECONDS: &str = "messenger_password_hash_seconds";
+pub const ONLINE_USERS: &str = "messenger_online_users";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the global recorder once; later calls return the same handle. `None` if another
+/// recorder was installed by the embedding program.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let latency_buckets = [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+pub fn render() -> String {
+    match HANDLE.get().and_then(Option::as_ref) {
+        Some(handle) => {
+            handle.run_upkeep();
+            handle.render()
+        }
+        None => String::new(),
+    }
+}
+
+pub fn connection_opened() {
+    counter!(CONNECTIONS_TOTAL).increment(1);
+    gauge!(CONNECTIONS).increment(1.0);
+}
+
+pub fn connection_closed() {
+    gauge!(CONNECTIONS).decrement(1.0);
+}
+
+pub fn connection_refused(reason: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+pub fn handshake_failed() {
+    counter!(HANDSHAKE_FAILURES).increment(1);
+}
+
+pub fn frame_in() {
+    counter!(FRAMES_IN).increment(1);
+}
+
+pub fn frames_out(n: u64) {
+    counter!(FRAMES_OUT).increment(n);
+}
+
+pub fn message_accepted() {
+    counter!(MESSAGES_ACCEPTED).increment(1);
+}
+
+pub fn delivered(n: u64) {
+    counter!(MESSAGES_DELIVERED).increment(n);
+}
+
+pub fn queue_full() {
+    counter!(QUEUE_FULL).increment(1);
+}
+
+pub fn stall_disconnect() {
+    counter!(STALL_DISCONNECTS).increment(1);
+}
+
+pub fn catch_up_read() {
+    counter!(CATCH_UP_READS).increment(1);
+}
+
+pub fn request_error(code: &'static str) {
+    counter!(ERRORS, "code" => code).increment(1);
+}
+
+pub fn auth_failure() {
+    counter!(AUTH_FAILURES).increment(1);
+}
+
+pub fn online_users(n: usize) {
+    gauge!(ONLINE_USERS).set(n as f64);
+}
+
+pub fn password_hash_time(start: Instant) {
+    histogram!(PASSWORD_HASH_SECONDS).record(start.elapsed().as_secs_f64());
+}
+
+/// Times one store call under `op`.
+pub async fn timed_store<T>(op: &'static str, fut: impl Future<Output = T>) -> T {
+    let start = Instant::now();
+    let out = fut.await;
+    histogram!(STORE_SECONDS, "op" => op).record(start.elapsed().as_secs_f64());
+    out
+}

@@ -1,0 +1,203 @@
+//! Domain types shared by the store, the hub and the sessions. Newtypes say what a number is;
+//! conversions to and from the wire types live next to the types they build.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use messenger_protocol::pb;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+        pub struct $name(pub u64);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// An account. Never reused, even after the account is deleted.
+    UserId
+);
+id_type!(
+    /// One logged-in session of a user (a device); owns a cursor and a token.
+    DeviceId
+);
+id_type!(
+    /// A message, global and increasing in commit order on one node.
+    MessageId
+);
+id_type!(
+    /// A group conversation.
+    GroupId
+);
+id_type!(
+    /// Position in one user's inbox: strictly increasing, in commit order.
+    Seq
+);
+
+/// Milliseconds since the Unix epoch.
+pub type UnixMillis = i64;
+
+pub fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: UserId,
+    pub username: String,
+    pub display_name: String,
+}
+
+impl From<&User> for pb::User {
+    fn from(u: &User) -> Self {
+        pb::User {
+            user_id: u.id.0,
+            username: u.username.clone(),
+            display_name: u.display_name.clone(),
+        }
+    }
+}
+
+/// An account with its password hash, as the store keeps it.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub user: User,
+    /// PHC string of the argon2id hash.
+    pub password_hash: String,
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Recipient {
+    User(UserId),
+    Group(GroupId),
+}
+
+/// A message as stored: the body once, the sender stamped by the server at send time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub id: MessageId,
+    /// The sender as they were when they sent it (name changes later do not rewrite history).
+    pub sender: User,
+    pub to: Recipient,
+    pub client_msg_id: String,
+    pub body: Bytes,
+    pub content_type: String,
+    pub server_time: UnixMillis,
+}
+
+impl From<&StoredMessage> for pb::Message {
+    fn from(m: &StoredMessage) -> Self {
+        pb::Message {
+            message_id: m.id.0,
+            sender: Some(pb::User::from(&m.sender)),
+            to: Some(match m.to {
+                Recipient::User(u) => pb::message::To::UserId(u.0),
+                Recipient::Group(g) => pb::message::To::GroupId(g.0),
+            }),
+            client_msg_id: m.client_msg_id.clone(),
+            body: m.body.clone(),
+            content_type: m.content_type.clone(),
+            server_time_ms: m.server_time,
+        }
+    }
+}
+
+/// One entry of a user's inbox. The message is shared between every recipient's entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    pub seq: Seq,
+    pub message: Arc<StoredMessage>,
+}
+
+impl From<&InboxEntry> for pb::Delivery {
+    fn from(e: &InboxEntry) -> Self {
+        pb::Delivery {
+            seq: e.seq.0,
+            message: Some(pb::Message::from(&*e.message)),
+        }
+    }
+}
+
+/// A message to append, as the session built it from a `SendMessage`.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub sender: UserId,
+    pub to: Recipient,
+    pub client_msg_id: String,
+    pub body: Bytes,
+    pub content_type: String,
+    pub server_time: UnixMillis,
+}
+
+/// What an append produced.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub message: Arc<StoredMessage>,
+    /// One entry per recipient inbox (the sender's own included), in ascending user id order.
+    /// Empty when `duplicate` is true: the first append already delivered it.
+    pub entries: Vec<(UserId, Seq)>,
+    /// True when (sender, client_msg_id) was already stored; `message` is the first one.
+    pub duplicate: bool,
+}
+
+/// A logged-in device's session, found by its token hash.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub device: DeviceId,
+    pub user: User,
+    pub device_name: String,
+    pub expires_at: UnixMillis,
+    /// Highest seq this device acknowledged.
+    pub acked: Seq,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMember {
+    pub user: User,
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub id: GroupId,
+    pub name: String,
+    pub created_at: UnixMillis,
+    /// Empty in listings; filled by `Store::group`.
+    pub members: Vec<GroupMember>,
+}
+
+impl From<&Group> for pb::Group {
+    fn from(g: &Group) -> Self {
+        pb::Group {
+            group_id: g.id.0,
+            name: g.name.clone(),
+            members: g
+                .members
+                .iter()
+                .map(|m| pb::GroupMember {
+                    user: Some(pb::User::from(&m.user)),
+                    admin: m.admin,
+                })
+                .collect(),
+            created_at_ms: g.created_at,
+        }
+    }
+}
+
+/// A conversation as history sees it, from the reader's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conversation {
+    Direct(UserId),
+    Group(GroupId),
+}

@@ -1,0 +1,247 @@
+//! Accounts and sessions: register, login, resume, profile, password, logout, delete.
+
+use messenger_protocol::pb::{self, server_frame::Kind as Resp};
+use messenger_protocol::{ErrorCode, WireError};
+
+use super::short_name;
+use crate::auth;
+use crate::metrics;
+use crate::model::{Session as StoredSession, now_millis};
+use crate::session::{After, Handled, Session, ok, rate_limited};
+use crate::store::{NewAccount, NewSession, StoreError};
+
+const DEVICE_NAME_MAX: usize = 64;
+
+fn wrong_credentials() -> WireError {
+    WireError::new(ErrorCode::Unauthenticated, "wrong username or password")
+}
+
+impl Session {
+    fn limit_auth_attempt(&self) -> Result<(), WireError> {
+        self.shared
+            .auth_per_ip
+            .hit(&self.peer.ip())
+            .map_err(|wait| rate_limited("too many login or register attempts from this address", wait))
+    }
+
+    fn session_ttl_ms(&self) -> i64 {
+        i64::try_from(self.shared.config.sessions.ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    pub(crate) async fn register(&mut self, r: pb::Register) -> Handled {
+        self.limit_auth_attempt()?;
+        let username_key = auth::username_key(&r.username)?;
+        auth::check_new_password(&r.password, self.shared.config.passwords.min_length)?;
+        let display_name = if r.display_name.trim().is_empty() {
+            r.username.clone()
+        } else {
+            auth::display_name(&r.display_name)?
+        };
+        // Cheap early answer for a taken name, before spending a hash on it.
+        if self.shared.store.account_by_username(&username_key).await?.is_some() {
+            return Err(WireError::new(ErrorCode::AlreadyExists, "username is taken"));
+        }
+        let password_hash = self.shared.passwords.hash(&r.password).await?;
+        let user = self
+            .shared
+            .store
+            .create_account(NewAccount {
+                username: r.username,
+                username_key,
+                display_name,
+                password_hash,
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::AlreadyExists(_) => {
+                    WireError::new(ErrorCode::AlreadyExists, "username is taken")
+                }
+                other => other.into(),
+            })?;
+        ok(Resp::Registered(pb::Registered {
+            user: Some(pb::User::from(&user)),
+        }))
+    }
+
+    pub(crate) async fn login(&mut self, r: pb::Login) -> Handled {
+        self.limit_auth_attempt()?;
+        let Ok(key) = auth::username_key(&r.username) else {
+            metrics::auth_failure();
+            return Err(wrong_credentials());
+        };
+        self.shared
+            .login_failures
+            .check(&key)
+            .map_err(|wait| rate_limited("too many failed logins for this account", wait))?;
+        let device_name = if r.device_name.trim().is_empty() {
+            "device".to_string()
+        } else {
+            short_name("device name", &r.device_name, DEVICE_NAME_MAX)?
+        };
+        if r.password.len() > auth::MAX_PASSWORD_BYTES {
+            return Err(wrong_credentials());
+        }
+        let account = self.shared.store.account_by_username(&key).await?;
+        let valid = self
+            .shared
+            .passwords
+            .verify(&r.password, account.as_ref().map(|a| a.password_hash.as_str()))
+            .await?;
+        let Some(account) = account.filter(|_| valid) else {
+            self.shared.login_failures.record(&key);
+            metrics::auth_failure();
+            return Err(wrong_credentials());
+        };
+        self.shared.login_failures.clear(&key);
+        let (token, token_hash) = auth::new_token();
+        let session = self
+            .shared
+            .store
+            .create_session(NewSession {
+                user: account.user.id,
+                device_name,
+                token_hash,
+                expires_at: now_millis().saturating_add(self.session_ttl_ms()),
+            })
+            .await?;
+        self.authenticated(session, token.to_vec())
+    }
+
+    pub(crate) async fn resume(&mut self, r: pb::Resume) -> Handled {
+        let hash = auth::token_hash(&r.session_token);
+        let Some(mut session) = self.shared.store.session_by_token(&hash).await? else {
+            metrics::auth_failure();
+            return Err(WireError::new(
+                ErrorCode::Unauthenticated,
+                "unknown or revoked session; log in again",
+            ));
+        };
+        let now = now_millis();
+        if session.expires_at <= now {
+            self.shared.store.delete_session(session.device).await?;
+            metrics::auth_failure();
+            return Err(WireError::new(
+                ErrorCode::Unauthenticated,
+                "session expired; log in again",
+            ));
+        }
+        session.expires_at = now.saturating_add(self.session_ttl_ms());
+        self.shared
+            .store
+            .touch_session(session.device, session.expires_at)
+            .await?;
+        self.authenticated(session, r.session_token.to_vec())
+    }
+
+    fn authenticated(&mut self, session: StoredSession, token: Vec<u8>) -> Handled {
+        let resp = Resp::Authenticated(pb::Authenticated {
+            user: Some(pb::User::from(&session.user)),
+            session_token: token.into(),
+            device_id: session.device.0,
+            expires_at_ms: session.expires_at,
+            acked_seq: session.acked.0,
+        });
+        Ok((
+            resp,
+            After::SignIn {
+                user: session.user,
+                device: session.device,
+                acked: session.acked,
+            },
+        ))
+    }
+
+    pub(crate) async fn update_profile(&mut self, r: pb::UpdateProfile) -> Handled {
+        let name = auth::display_name(&r.display_name)?;
+        let user_id = self.authed()?.user.id;
+        let user = self.shared.store.update_display_name(user_id, &name).await?;
+        if let Some(a) = self.auth.as_mut() {
+            a.user = user;
+        }
+        ok(Resp::Ok(pb::Ok {}))
+    }
+
+    /// Checks the caller's password (for change and delete), counting failures per account.
+    async fn check_own_password(&self, password: &str) -> Result<(), WireError> {
+        let me = &self.authed()?.user;
+        let key = me.username.to_ascii_lowercase();
+        self.shared
+            .login_failures
+            .check(&key)
+            .map_err(|wait| rate_limited("too many wrong passwords for this account", wait))?;
+        let account = self
+            .shared
+            .store
+            .account_by_id(me.id)
+            .await?
+            .ok_or_else(|| WireError::new(ErrorCode::Unauthenticated, "account no longer exists"))?;
+        if password.len() > auth::MAX_PASSWORD_BYTES
+            || !self
+                .shared
+                .passwords
+                .verify(password, Some(&account.password_hash))
+                .await?
+        {
+            self.shared.login_failures.record(&key);
+            metrics::auth_failure();
+            return Err(WireError::new(ErrorCode::Unauthenticated, "password is wrong"));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn change_password(&mut self, r: pb::ChangePassword) -> Handled {
+        auth::check_new_password(&r.new_password, self.shared.config.passwords.min_length)?;
+        self.check_own_password(&r.current_password).await?;
+        let (user, device) = {
+            let a = self.authed()?;
+            (a.user.id, a.device)
+        };
+        let hash = self.shared.passwords.hash(&r.new_password).await?;
+        let revoked = self.shared.store.change_password(user, &hash, device).await?;
+        self.shared.hub.kick(
+            user,
+            Some(&revoked),
+            &WireError::new(
+                ErrorCode::Unauthenticated,
+                "session revoked: the password was changed",
+            ),
+        );
+        ok(Resp::Ok(pb::Ok {}))
+    }
+
+    pub(crate) async fn logout(&mut self) -> Handled {
+        let (user, device) = {
+            let a = self.authed()?;
+            (a.user.id, a.device)
+        };
+        self.shared.store.delete_session(device).await?;
+        self.sign_out();
+        // The same token may be in use on another connection.
+        self.shared.hub.kick(
+            user,
+            Some(&[device]),
+            &WireError::new(ErrorCode::Unauthenticated, "session logged out"),
+        );
+        ok(Resp::Ok(pb::Ok {}))
+    }
+
+    pub(crate) async fn delete_account(&mut self, r: pb::DeleteAccount) -> Handled {
+        self.check_own_password(&r.password).await?;
+        let user = self.authed()?.user.id;
+        self.shared.store.delete_account(user).await?;
+        self.sign_out();
+        self.shared.hub.kick(
+            user,
+            None,
+            &WireError::new(ErrorCode::Unauthenticated, "account deleted"),
+        );
+        Ok((
+            Resp::Ok(pb::Ok {}),
+            After::Close(pb::GoAway {
+                reason: "account deleted".into(),
+                reconnect_after_ms: 0,
+                code: ErrorCode::Unauthenticated as i32,
+            }),
+        ))
+    }
+}

@@ -1,0 +1,80 @@
+//! Groups: create, add and remove members (admins), leave, list, info.
+
+use messenger_protocol::pb::{self, server_frame::Kind as Resp};
+use messenger_protocol::WireError;
+
+use super::{invalid, short_name};
+use crate::model::{GroupId, UserId, now_millis};
+use crate::session::{Handled, Session, ok};
+
+const GROUP_NAME_MAX: usize = 64;
+
+fn user_ids(ids: &[u64], max: usize) -> Result<Vec<UserId>, WireError> {
+    if ids.len() > max {
+        return Err(invalid(format!("at most {max} members per group")));
+    }
+    Ok(ids.iter().copied().map(UserId).collect())
+}
+
+impl Session {
+    pub(crate) async fn create_group(&mut self, r: pb::CreateGroup) -> Handled {
+        let me = self.authed()?.user.id;
+        let name = short_name("group name", &r.name, GROUP_NAME_MAX)?;
+        let max = self.shared.config.limits.max_group_members;
+        let members = user_ids(&r.member_ids, max)?;
+        let group = self
+            .shared
+            .store
+            .create_group(me, &name, &members, max, now_millis())
+            .await?;
+        ok(Resp::Group(pb::Group::from(&group)))
+    }
+
+    pub(crate) async fn add_members(&mut self, r: pb::AddMembers) -> Handled {
+        let me = self.authed()?.user.id;
+        let max = self.shared.config.limits.max_group_members;
+        let users = user_ids(&r.user_ids, max)?;
+        if users.is_empty() {
+            return Err(invalid("no users to add"));
+        }
+        let group = self
+            .shared
+            .store
+            .add_members(me, GroupId(r.group_id), &users, max)
+            .await?;
+        ok(Resp::Group(pb::Group::from(&group)))
+    }
+
+    pub(crate) async fn remove_member(&mut self, r: pb::RemoveMember) -> Handled {
+        let me = self.authed()?.user.id;
+        if r.user_id == me.0 {
+            return Err(invalid("use LeaveGroup to leave a group"));
+        }
+        let group = self
+            .shared
+            .store
+            .remove_member(me, GroupId(r.group_id), UserId(r.user_id))
+            .await?;
+        ok(Resp::Group(pb::Group::from(&group)))
+    }
+
+    pub(crate) async fn leave_group(&mut self, r: pb::LeaveGroup) -> Handled {
+        let me = self.authed()?.user.id;
+        self.shared.store.leave_group(me, GroupId(r.group_id)).await?;
+        ok(Resp::Ok(pb::Ok {}))
+    }
+
+    pub(crate) async fn list_groups(&mut self) -> Handled {
+        let me = self.authed()?.user.id;
+        let groups = self.shared.store.groups_of(me).await?;
+        ok(Resp::GroupList(pb::GroupList {
+            groups: groups.iter().map(pb::Group::from).collect(),
+        }))
+    }
+
+    pub(crate) async fn get_group(&mut self, r: pb::GetGroup) -> Handled {
+        let me = self.authed()?.user.id;
+        let group = self.shared.store.group(me, GroupId(r.group_id)).await?;
+        ok(Resp::Group(pb::Group::from(&group)))
+    }
+}

@@ -1,0 +1,118 @@
+//! Sending, acknowledging, looking up users and reading history.
+
+use messenger_protocol::pb::{self, server_frame::Kind as Resp};
+use messenger_protocol::{ErrorCode, WireError};
+
+use super::invalid;
+use crate::auth;
+use crate::delivery;
+use crate::model::{Conversation, GroupId, MessageId, NewMessage, Recipient, Seq, UserId, now_millis};
+use crate::session::{After, Handled, Session, ok, rate_limited};
+
+pub const CLIENT_MSG_ID_MAX: usize = 64;
+pub const CONTENT_TYPE_MAX: usize = 64;
+pub const DEFAULT_CONTENT_TYPE: &str = "text/plain";
+
+impl Session {
+    pub(crate) async fn lookup_user(&mut self, r: pb::LookupUser) -> Handled {
+        let account = match r.by {
+            Some(pb::lookup_user::By::Username(name)) => {
+                let key = auth::username_key(&name)
+                    .map_err(|_| WireError::new(ErrorCode::NotFound, "no such user"))?;
+                self.shared.store.account_by_username(&key).await?
+            }
+            Some(pb::lookup_user::By::UserId(id)) => self.shared.store.account_by_id(UserId(id)).await?,
+            None => return Err(invalid("lookup needs a username or a user_id")),
+        };
+        let account = account.ok_or_else(|| WireError::new(ErrorCode::NotFound, "no such user"))?;
+        ok(Resp::User(pb::User::from(&account.user)))
+    }
+
+    pub(crate) async fn send_message(&mut self, r: pb::SendMessage) -> Handled {
+        let sender = self.authed()?.user.id;
+        let to = match r.to {
+            Some(pb::send_message::To::UserId(u)) => Recipient::User(UserId(u)),
+            Some(pb::send_message::To::GroupId(g)) => Recipient::Group(GroupId(g)),
+            None => return Err(invalid("message needs a recipient (user_id or group_id)")),
+        };
+        if r.client_msg_id.is_empty() || r.client_msg_id.len() > CLIENT_MSG_ID_MAX {
+            return Err(invalid(format!(
+                "client_msg_id must be 1 to {CLIENT_MSG_ID_MAX} bytes"
+            )));
+        }
+        let max_body = self.shared.config.limits.max_body_bytes;
+        if r.body.len() > max_body {
+            let mut e = WireError::new(
+                ErrorCode::TooLarge,
+                format!("body of {} bytes exceeds the limit of {max_body} bytes", r.body.len()),
+            );
+            e.retry_after_ms = 0;
+            return Err(e);
+        }
+        if r.body.is_empty() {
+            return Err(invalid("message body is empty"));
+        }
+        if r.content_type.len() > CONTENT_TYPE_MAX || r.content_type.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "content_type must be at most {CONTENT_TYPE_MAX} bytes without control characters"
+            )));
+        }
+        self.send_bucket
+            .try_take()
+            .map_err(|wait| rate_limited("sending too fast", wait))?;
+        let content_type = if r.content_type.is_empty() {
+            DEFAULT_CONTENT_TYPE.to_string()
+        } else {
+            r.content_type
+        };
+        let appended = delivery::accept(
+            &self.shared,
+            NewMessage {
+                sender,
+                to,
+                client_msg_id: r.client_msg_id,
+                body: r.body,
+                content_type,
+                server_time: now_millis(),
+            },
+        )
+        .await?;
+        ok(Resp::Sent(pb::Sent {
+            message_id: appended.message.id.0,
+            server_time_ms: appended.message.server_time,
+            duplicate: appended.duplicate,
+        }))
+    }
+
+    pub(crate) async fn ack(&mut self, r: pb::Ack) -> Handled {
+        let device = self.authed()?.device;
+        self.shared.store.ack(device, Seq(r.up_to_seq)).await?;
+        Ok((Resp::Ok(pb::Ok {}), After::NoReply))
+    }
+
+    pub(crate) async fn history(&mut self, r: pb::GetHistory) -> Handled {
+        let reader = self.authed()?.user.id;
+        let conversation = match r.conversation {
+            Some(pb::get_history::Conversation::UserId(u)) => Conversation::Direct(UserId(u)),
+            Some(pb::get_history::Conversation::GroupId(g)) => Conversation::Group(GroupId(g)),
+            None => return Err(invalid("history needs a conversation (user_id or group_id)")),
+        };
+        let cap = self.shared.config.limits.max_history_page;
+        let limit = match r.limit as usize {
+            0 => cap,
+            n => n.min(cap),
+        };
+        let before = (r.before_message_id != 0).then_some(MessageId(r.before_message_id));
+        let mut messages = self
+            .shared
+            .store
+            .history(reader, conversation, before, limit + 1)
+            .await?;
+        let has_more = messages.len() > limit;
+        messages.truncate(limit);
+        ok(Resp::HistoryPage(pb::HistoryPage {
+            messages: messages.iter().map(pb::Message::from).collect(),
+            has_more,
+        }))
+    }
+}

@@ -1,0 +1,222 @@
+//! The listener: accepts TCP, enforces connection limits, runs the TLS handshake with ALPN
+//! `messenger/1` under the handshake timeout, and hands each connection to a session task.
+//! Owns shutdown: stop accepting, tell every session to send `GoAway`, wait for the drain,
+//! close the store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::admin;
+use crate::config::Config;
+use crate::limits::ConnectionsPerIp;
+use crate::metrics;
+use crate::session;
+use crate::state::Shared;
+use crate::store::{self, Store};
+use crate::tls::Tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    /// The client port actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// SHA-256 fingerprint of the served certificate (colon-separated hex).
+    pub fingerprint: String,
+    /// The development CA file, when the development certificate is in use.
+    pub dev_ca: Option<PathBuf>,
+    pub cert_path: PathBuf,
+    pub shared: Arc<Shared>,
+    tls: Arc<Tls>,
+    shutdown: CancellationToken,
+    accept_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+    sessions: TaskTracker,
+}
+
+impl RunningServer {
+    /// Opens the store, loads TLS, binds both ports and starts serving.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        metrics::install();
+        let store = store::open(&config).await?;
+        Self::start_with_store(config, store).await
+    }
+
+    /// As [`start`](Self::start), on a store the caller opened.
+    pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> Result<Self, StartError> {
+        metrics::install();
+        let tls = Arc::new(Tls::load(&config)?);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.admin_listen,
+                source,
+            })?;
+        let addr = local_addr(&listener, config.listen)?;
+        let admin_addr = local_addr(&admin_listener, config.admin_listen)?;
+        let shared = Arc::new(Shared::new(config, store).map_err(StartError::Config)?);
+        let shutdown = CancellationToken::new();
+        let sessions = TaskTracker::new();
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            tls.clone(),
+            shutdown.clone(),
+            sessions.clone(),
+        ));
+        let admin_task = tokio::spawn(admin::serve(admin_listener, shared.clone(), shutdown.clone()));
+        info!(%addr, %admin_addr, "listening");
+        Ok(Self {
+            addr,
+            admin_addr,
+            fingerprint: tls.fingerprint(),
+            dev_ca: tls.source.dev_ca.clone(),
+            cert_path: tls.source.cert.clone(),
+            shared,
+            tls,
+            shutdown,
+            accept_task,
+            admin_task,
+            sessions,
+        })
+    }
+
+    /// Re-reads the TLS certificate and key (SIGHUP).
+    pub fn reload_tls(&self) -> Result<(), crate::tls::TlsError> {
+        self.tls.reload()
+    }
+
+    /// Stops accepting, sends `GoAway` to every client, waits for them to drain (bounded by
+    /// the shutdown drain timeout), then commits and closes the store.
+    pub async fn shutdown(self) {
+        info!("shutting down");
+        self.shutdown.cancel();
+        let _ = self.accept_task.await;
+        self.sessions.close();
+        let drain = self.shared.config.timeouts.shutdown_drain() + Duration::from_secs(1);
+        if tokio::time::timeout(drain, self.sessions.wait()).await.is_err() {
+            warn!("some connections did not drain in time");
+        }
+        let _ = self.admin_task.await;
+        if let Err(e) = self.shared.store.close().await {
+            warn!(error = %e, "closing the store");
+        }
+        info!("stopped");
+    }
+}
+
+fn local_addr(listener: &TcpListener, wanted: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        addr: wanted,
+        source,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Arc<Tls>,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+) {
+    let limits = &shared.config.limits;
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = ConnectionsPerIp::new(limits.max_connections_per_ip);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => {
+                    backoff = Duration::from_millis(5);
+                    a
+                }
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning; connections will free up.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics::connection_refused("max_connections");
+            continue;
+        };
+        let Some(ip_permit) = per_ip.acquire(peer.ip()) else {
+            metrics::connection_refused("max_connections_per_ip");
+            continue;
+        };
+        let shared = shared.clone();
+        let tls = tls.clone();
+        let shutdown = shutdown.clone();
+        sessions.spawn(async move {
+            let _permits = (permit, ip_permit);
+            metrics::connection_opened();
+            handle_connection(shared, tls, tcp, peer, shutdown).await;
+            metrics::connection_closed();
+        });
+    }
+}
+
+async fn handle_connection(
+    shared: Arc<Shared>,
+    tls: Arc<Tls>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    let deadline = Instant::now() + shared.config.timeouts.handshake();
+    let stream = match tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "tls handshake failed");
+            metrics::handshake_failed();
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "tls handshake timed out");
+            metrics::handshake_failed();
+            return;
+        }
+    };
+    if stream.get_ref().1.alpn_protocol() != Some(messenger_protocol::ALPN) {
+        debug!(%peer, "client did not negotiate ALPN messenger/1");
+        metrics::handshake_failed();
+        return;
+    }
+    session::run(shared, stream, peer, shutdown, deadline).await;
+}

@@ -1,0 +1,450 @@
+//! One client connection's life: `Hello` → authentication → serving → closing.
+//!
+//! The session task reads frames and answers requests one at a time, in order (so two sends
+//! pipelined on one connection are stored in the order they were sent). Two helpers run beside
+//! it: the writer (`writer::run`), which alone owns the socket's write half, and, once the
+//! connection is authenticated, the delivery pump (`delivery::pump`), which feeds the user's
+//! inbox to the writer. Nothing here touches another connection; other sessions reach this one
+//! only through the hub.
+//!
+//! The session never panics on input: every malformed, oversized or out-of-place frame gets a
+//! typed `Error` and, where the stream can no longer be trusted, a close.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use messenger_protocol::codec::ServerCodec;
+use messenger_protocol::pb::{self, client_frame::Kind as Req, server_frame::Kind as Resp};
+use messenger_protocol::{CodecError, ErrorCode, PROTOCOL_VERSION, WireError};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span};
+
+use crate::delivery;
+use crate::hub::ConnHandle;
+use crate::limits::TokenBucket;
+use crate::metrics;
+use crate::model::{DeviceId, User};
+use crate::state::Shared;
+use crate::writer;
+
+/// Frames queued for the writer; small, because the writer coalesces whatever is queued into
+/// one TLS write and back-pressure should reach the pump quickly.
+const OUTBOUND_FRAMES: usize = 64;
+
+/// The authenticated part of a session.
+pub(crate) struct Authed {
+    pub user: User,
+    pub device: DeviceId,
+    pub handle: Arc<ConnHandle>,
+    pump: JoinHandle<()>,
+}
+
+pub(crate) struct Session {
+    pub shared: Arc<Shared>,
+    pub peer: SocketAddr,
+    pub out: mpsc::Sender<pb::ServerFrame>,
+    pub auth: Option<Authed>,
+    pub send_bucket: TokenBucket,
+    /// Cancelled when the connection must end (writer failure, pump failure).
+    pub closing: CancellationToken,
+}
+
+/// What a request handler decided beyond its response.
+pub(crate) enum After {
+    Continue,
+    /// The request gets no response (`Ack`).
+    NoReply,
+    /// Send the response, then join live delivery (login, resume): the `Authenticated`
+    /// response must precede every `Delivery`.
+    SignIn {
+        user: User,
+        device: DeviceId,
+        acked: crate::model::Seq,
+    },
+    /// Send the response, then close the connection with this GoAway.
+    Close(pb::GoAway),
+}
+
+pub(crate) type Handled = Result<(Resp, After), WireError>;
+
+pub(crate) fn ok(resp: Resp) -> Handled {
+    Ok((resp, After::Continue))
+}
+
+/// Runs one connection to its end. `shutdown` is the server's; `handshake_deadline` bounds
+/// TLS plus `Hello`.
+pub async fn run<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+    handshake_deadline: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let span = info_span!("conn", %peer, user = tracing::field::Empty);
+    async move {
+        let limits = &shared.config.limits;
+        let (rd, wr) = tokio::io::split(stream);
+        let mut frames = FramedRead::new(rd, ServerCodec::new(limits.max_frame_bytes));
+        let (out, out_rx) = mpsc::channel(OUTBOUND_FRAMES);
+        let closing = CancellationToken::new();
+        let writer = tokio::spawn(
+            writer::run(
+                wr,
+                out_rx,
+                limits.max_frame_bytes,
+                shared.config.timeouts.write_stall(),
+                closing.clone(),
+            )
+            .in_current_span(),
+        );
+        let mut session = Session {
+            send_bucket: TokenBucket::new(limits.messages_per_second, limits.message_burst),
+            shared: shared.clone(),
+            peer,
+            out,
+            auth: None,
+            closing,
+        };
+        if session.hello(&mut frames, handshake_deadline).await {
+            session.serve(&mut frames, &shutdown).await;
+        }
+        session.sign_out();
+        let Session { out, .. } = session;
+        // Closing the channel lets the writer flush what is queued (GoAway included) and end.
+        drop(out);
+        if tokio::time::timeout(shared.config.timeouts.shutdown_drain(), writer)
+            .await
+            .is_err()
+        {
+            debug!("writer did not drain in time");
+        }
+        debug!("connection closed");
+    }
+    .instrument(span)
+    .await;
+}
+
+impl Session {
+    /// Waits for `Hello`; false when the connection must close.
+    async fn hello<R>(&mut self, frames: &mut FramedRead<R, ServerCodec>, deadline: Instant) -> bool
+    where
+        R: AsyncRead + Unpin,
+    {
+        let frame = tokio::select! {
+            f = frames.next() => f,
+            _ = tokio::time::sleep_until(deadline) => {
+                self.close_with(ErrorCode::InvalidArgument, "no Hello before the handshake timeout").await;
+                return false;
+            }
+        };
+        let frame = match frame {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                self.codec_error(e).await;
+                return false;
+            }
+            None => return false,
+        };
+        metrics::frame_in();
+        let Some(Req::Hello(hello)) = frame.kind else {
+            self.respond(
+                frame.request_id,
+                Err(WireError::new(
+                    ErrorCode::InvalidArgument,
+                    "the first frame must be Hello",
+                )),
+            )
+            .await;
+            return false;
+        };
+        if hello.protocol_version != PROTOCOL_VERSION {
+            self.respond(
+                frame.request_id,
+                Err(WireError::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
+                        hello.protocol_version
+                    ),
+                )),
+            )
+            .await;
+            return false;
+        }
+        debug!(client = %hello.client, "hello");
+        let l = &self.shared.config.limits;
+        let resp = Resp::HelloOk(pb::HelloOk {
+            protocol_version: PROTOCOL_VERSION,
+            server: concat!("messengerd/", env!("CARGO_PKG_VERSION")).to_string(),
+            limits: Some(pb::Limits {
+                max_frame_bytes: u32::try_from(l.max_frame_bytes).unwrap_or(u32::MAX),
+                max_body_bytes: u32::try_from(l.max_body_bytes).unwrap_or(u32::MAX),
+                max_group_members: u32::try_from(l.max_group_members).unwrap_or(u32::MAX),
+                max_history_page: u32::try_from(l.max_history_page).unwrap_or(u32::MAX),
+                idle_timeout_ms: u32::try_from(self.shared.config.timeouts.idle().as_millis())
+                    .unwrap_or(u32::MAX),
+            }),
+        });
+        self.respond(frame.request_id, Ok(resp)).await;
+        true
+    }
+
+    async fn serve<R>(&mut self, frames: &mut FramedRead<R, ServerCodec>, shutdown: &CancellationToken)
+    where
+        R: AsyncRead + Unpin,
+    {
+        let timeouts = self.shared.config.timeouts.clone();
+        let auth_deadline = Instant::now() + timeouts.auth();
+        let mut idle_deadline = Instant::now() + timeouts.idle();
+        loop {
+            let kicked = self.kick_token();
+            let deadline = if self.auth.is_none() {
+                idle_deadline.min(auth_deadline)
+            } else {
+                idle_deadline
+            };
+            let frame = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.go_away(shutdown_go_away()).await;
+                    return;
+                }
+                _ = kicked.cancelled() => {
+                    let reason = self
+                        .auth
+                        .as_ref()
+                        .and_then(|a| a.handle.kick_reason())
+                        .unwrap_or_else(|| WireError::new(ErrorCode::Unauthenticated, "session ended"));
+                    self.go_away(pb::GoAway {
+                        reason: reason.message,
+                        reconnect_after_ms: 0,
+                        code: reason.code as i32,
+                    })
+                    .await;
+                    return;
+                }
+                _ = self.closing.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => {
+                    let why = if self.auth.is_none() && Instant::now() >= auth_deadline {
+                        "not authenticated before the authentication timeout"
+                    } else {
+                        "idle timeout: nothing received; send Ping more often"
+                    };
+                    self.close_with(ErrorCode::Unauthenticated, why).await;
+                    return;
+                }
+                f = frames.next() => f,
+            };
+            let frame = match frame {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    self.codec_error(e).await;
+                    return;
+                }
+                None => return,
+            };
+            metrics::frame_in();
+            idle_deadline = Instant::now() + timeouts.idle();
+            let request_id = frame.request_id;
+            let Some(kind) = frame.kind else {
+                self.respond(
+                    request_id,
+                    Err(WireError::new(
+                        ErrorCode::InvalidArgument,
+                        "frame has no request (unknown or missing kind)",
+                    )),
+                )
+                .await;
+                continue;
+            };
+            let result = self.dispatch(kind).await;
+            match result {
+                Ok((resp, After::Continue)) => self.respond(request_id, Ok(resp)).await,
+                Ok((_, After::NoReply)) => {}
+                Ok((resp, After::SignIn { user, device, acked })) => {
+                    self.respond(request_id, Ok(resp)).await;
+                    self.sign_in(user, device, acked);
+                }
+                Ok((resp, After::Close(go_away))) => {
+                    self.respond(request_id, Ok(resp)).await;
+                    self.go_away(go_away).await;
+                    return;
+                }
+                Err(e) => self.respond(request_id, Err(e)).await,
+            }
+        }
+    }
+
+    /// The single match on a request's kind.
+    async fn dispatch(&mut self, kind: Req) -> Handled {
+        match kind {
+            Req::Ping(_) => ok(Resp::Pong(pb::Pong {})),
+            Req::Hello(_) => Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "Hello was already received",
+            )),
+            Req::Register(r) => self.register(r).await,
+            Req::Login(r) => self.login(r).await,
+            Req::Resume(r) => self.resume(r).await,
+            other => {
+                if self.auth.is_none() {
+                    return Err(WireError::new(
+                        ErrorCode::Unauthenticated,
+                        "log in or resume first",
+                    ));
+                }
+                match other {
+                    Req::UpdateProfile(r) => self.update_profile(r).await,
+                    Req::ChangePassword(r) => self.change_password(r).await,
+                    Req::Logout(_) => self.logout().await,
+                    Req::DeleteAccount(r) => self.delete_account(r).await,
+                    Req::LookupUser(r) => self.lookup_user(r).await,
+                    Req::Send(r) => self.send_message(r).await,
+                    Req::Ack(r) => self.ack(r).await,
+                    Req::CreateGroup(r) => self.create_group(r).await,
+                    Req::AddMembers(r) => self.add_members(r).await,
+                    Req::RemoveMember(r) => self.remove_member(r).await,
+                    Req::LeaveGroup(r) => self.leave_group(r).await,
+                    Req::ListGroups(_) => self.list_groups().await,
+                    Req::GetGroup(r) => self.get_group(r).await,
+                    Req::GetHistory(r) => self.history(r).await,
+                    Req::Ping(_) | Req::Hello(_) | Req::Register(_) | Req::Login(_) | Req::Resume(_) => {
+                        unreachable_request()
+                    }
+                }
+            }
+        }
+    }
+
+    /// The authenticated user, or `Unauthenticated`.
+    pub fn authed(&self) -> Result<&Authed, WireError> {
+        self.auth
+            .as_ref()
+            .ok_or_else(|| WireError::new(ErrorCode::Unauthenticated, "log in or resume first"))
+    }
+
+    /// Joins live delivery for `user`'s `device` and starts replaying its inbox after `acked`.
+    /// Call after the `Authenticated` response is queued, so it precedes every `Delivery`.
+    pub fn sign_in(&mut self, user: User, device: DeviceId, acked: crate::model::Seq) {
+        self.sign_out();
+        tracing::Span::current().record("user", user.username.as_str());
+        info!(user = %user.username, device = %device, "authenticated");
+        let (handle, live) = self.shared.hub.register(user.id, device);
+        let pump = tokio::spawn(
+            delivery::pump(
+                self.shared.clone(),
+                handle.clone(),
+                live,
+                acked,
+                self.out.clone(),
+                self.closing.clone(),
+            )
+            .in_current_span(),
+        );
+        metrics::online_users(self.shared.hub.online_users());
+        self.auth = Some(Authed {
+            user,
+            device,
+            handle,
+            pump,
+        });
+    }
+
+    /// Leaves live delivery; the connection stays open but unauthenticated.
+    pub fn sign_out(&mut self) {
+        if let Some(a) = self.auth.take() {
+            a.pump.abort();
+            self.shared.hub.unregister(&a.handle);
+            metrics::online_users(self.shared.hub.online_users());
+        }
+    }
+
+    fn kick_token(&self) -> CancellationToken {
+        match &self.auth {
+            Some(a) => a.handle.kicked().clone(),
+            None => CancellationToken::new(),
+        }
+    }
+
+    /// Queues a response (or an error) for the writer.
+    pub async fn respond(&self, request_id: u64, result: Result<Resp, WireError>) {
+        let kind = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                metrics::request_error(messenger_protocol::error::code_name(e.code));
+                Resp::Error(e.to_pb())
+            }
+        };
+        // A closed channel means the writer is gone: the connection is over anyway.
+        let _ = self
+            .out
+            .send(pb::ServerFrame {
+                request_id,
+                kind: Some(kind),
+            })
+            .await;
+    }
+
+    async fn go_away(&self, go_away: pb::GoAway) {
+        let _ = self
+            .out
+            .send(pb::ServerFrame {
+                request_id: 0,
+                kind: Some(Resp::GoAway(go_away)),
+            })
+            .await;
+    }
+
+    /// An error push followed by close, for failures not tied to a request.
+    async fn close_with(&self, code: ErrorCode, message: &str) {
+        self.respond(0, Err(WireError::new(code, message))).await;
+    }
+
+    async fn codec_error(&self, e: CodecError) {
+        match e {
+            CodecError::TooLarge { len, max } => {
+                self.close_with(
+                    ErrorCode::TooLarge,
+                    &format!("frame of {len} bytes exceeds the limit of {max} bytes"),
+                )
+                .await
+            }
+            CodecError::Decode(e) => {
+                self.close_with(ErrorCode::InvalidArgument, &format!("malformed frame: {e}"))
+                    .await
+            }
+            CodecError::Io(e) => debug!(error = %e, "read failed"),
+        }
+    }
+}
+
+/// `GoAway` for a server shutdown: reconnect after a random 1–5 s, so a rolling restart
+/// spreads its reconnects instead of stampeding the balancer.
+pub fn shutdown_go_away() -> pb::GoAway {
+    use rand::Rng;
+    pb::GoAway {
+        reason: "server shutting down".into(),
+        reconnect_after_ms: rand::rng().random_range(1_000..5_000),
+        code: ErrorCode::Unavailable as i32,
+    }
+}
+
+fn unreachable_request() -> Handled {
+    Err(WireError::new(ErrorCode::Internal, "request routed wrongly"))
+}
+
+/// How long a rate-limited client should wait, for the error's `retry_after_ms`.
+pub fn rate_limited(message: &str, wait: Duration) -> WireError {
+    let mut e = WireError::new(ErrorCode::RateLimited, message);
+    e.retry_after_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
+    e
+}

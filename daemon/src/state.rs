@@ -1,0 +1,35 @@
+//! What every connection shares: configuration, the store, the hub, the password hasher and
+//! the abuse limits. One `Arc<Shared>` per server.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::auth::PasswordHasher;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::limits::WindowLimiter;
+use crate::store::Store;
+
+pub struct Shared {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub hub: Hub,
+    pub passwords: PasswordHasher,
+    /// Login and register attempts per client IP.
+    pub auth_per_ip: WindowLimiter<IpAddr>,
+    /// Failed logins per account (case-folded username).
+    pub login_failures: WindowLimiter<String>,
+}
+
+impl Shared {
+    pub fn new(config: Config, store: Arc<dyn Store>) -> Result<Self, String> {
+        Ok(Self {
+            hub: Hub::new(config.limits.outbound_queue),
+            passwords: PasswordHasher::new(&config.passwords)?,
+            auth_per_ip: WindowLimiter::new(config.limits.auth_attempts_per_ip),
+            login_failures: WindowLimiter::new(config.limits.login_failures_per_account),
+            store,
+            config,
+        })
+    }
+}

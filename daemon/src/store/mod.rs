@@ -1,0 +1,219 @@
+//! Durable state behind one async trait. The daemon talks only to `dyn Store`; each backend
+//! (the embedded SQLite store here, PostgreSQL later) implements it with the same semantics,
+//! which the conformance tests in `store::conformance` pin down.
+//!
+//! Rules every backend keeps:
+//! - `append_message` is durable when it returns `Ok` (the caller answers `Sent` after it).
+//! - Per user, `seq` is strictly increasing and equals commit order: once an entry with seq N
+//!   is readable, every entry below N of that user is readable too, so a cursor never skips.
+//! - (sender, client_msg_id) is unique; a repeat returns the first message with
+//!   `duplicate = true` and appends nothing.
+//! - Authorization that depends on stored state (membership, admin rights) is checked inside
+//!   the same transaction as the change, so a concurrent removal cannot slip a message through.
+
+pub mod sqlite;
+
+#[cfg(test)]
+mod conformance;
+
+use async_trait::async_trait;
+
+use crate::model::{
+    Account, Appended, Conversation, DeviceId, Group, GroupId, InboxEntry, MessageId, NewMessage,
+    Seq, Session, StoredMessage, UnixMillis, User, UserId,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique name is taken (username).
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    /// The user, group or session does not exist (or no longer does).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The actor may not do this (not a member, not an admin).
+    #[error("permission denied: {0}")]
+    PermissionDenied(&'static str),
+    /// A limit kept by the store (group size).
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(&'static str),
+    /// The backend cannot be reached or is shutting down; nothing was changed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else the backend reported.
+    #[error("store failure: {0}")]
+    Backend(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A new account, the username already validated; `username_key` is its case-folded form,
+/// which is what uniqueness is checked on.
+#[derive(Debug, Clone)]
+pub struct NewAccount {
+    pub username: String,
+    pub username_key: String,
+    pub display_name: String,
+    pub password_hash: String,
+}
+
+/// A new session (device) created by a login.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub user: UserId,
+    pub device_name: String,
+    /// SHA-256 of the token; the token itself is never stored.
+    pub token_hash: [u8; 32],
+    pub expires_at: UnixMillis,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ----- accounts -----
+
+    /// Creates an account. `AlreadyExists("username")` when `username_key` is taken.
+    async fn create_account(&self, account: NewAccount) -> StoreResult<User>;
+
+    /// The account whose case-folded username is `username_key`.
+    async fn account_by_username(&self, username_key: &str) -> StoreResult<Option<Account>>;
+
+    /// The account with this id (with its hash, for password checks).
+    async fn account_by_id(&self, user: UserId) -> StoreResult<Option<Account>>;
+
+    /// Sets the display name; `NotFound("user")` for a missing account.
+    async fn update_display_name(&self, user: UserId, display_name: &str) -> StoreResult<User>;
+
+    /// Replaces the password hash and deletes every session of the user except `keep`.
+    /// Returns the devices whose sessions were deleted.
+    async fn change_password(
+        &self,
+        user: UserId,
+        password_hash: &str,
+        keep: DeviceId,
+    ) -> StoreResult<Vec<DeviceId>>;
+
+    /// Deletes the account: its sessions, inbox, cursors and memberships go; the username is
+    /// free again; messages it sent stay in others' inboxes and history with the stamped sender.
+    /// Groups left without an admin get their longest-standing member as admin. Returns the
+    /// devices whose sessions were deleted.
+    async fn delete_account(&self, user: UserId) -> StoreResult<Vec<DeviceId>>;
+
+    // ----- sessions -----
+
+    async fn create_session(&self, session: NewSession) -> StoreResult<Session>;
+
+    /// The session with this token hash, if it exists (expired ones too: the caller checks).
+    async fn session_by_token(&self, token_hash: &[u8; 32]) -> StoreResult<Option<Session>>;
+
+    /// Moves a session's expiry (sliding expiry on resume).
+    async fn touch_session(&self, device: DeviceId, expires_at: UnixMillis) -> StoreResult<()>;
+
+    /// Deletes one session (logout). Deleting a missing session is not an error.
+    async fn delete_session(&self, device: DeviceId) -> StoreResult<()>;
+
+    /// Raises the device's cursor to `up_to` (never lowers it). Acks above the user's newest
+    /// seq are clamped to it.
+    async fn ack(&self, device: DeviceId, up_to: Seq) -> StoreResult<()>;
+
+    // ----- messages -----
+
+    /// Stores a message and appends an inbox entry for every recipient and for the sender.
+    /// Errors: `NotFound("user")`/`NotFound("group")` for a missing recipient,
+    /// `PermissionDenied` when the sender is not a member of the group.
+    async fn append_message(&self, message: NewMessage) -> StoreResult<Appended>;
+
+    /// Inbox entries of `user` with seq > `after`, ascending, at most `limit`.
+    async fn read_inbox(&self, user: UserId, after: Seq, limit: usize)
+    -> StoreResult<Vec<InboxEntry>>;
+
+    /// The newest seq of the user's inbox (0 when empty).
+    async fn inbox_head(&self, user: UserId) -> StoreResult<Seq>;
+
+    /// Messages of a conversation as `reader` sees it, newest first, with id < `before`
+    /// (all when `None`), at most `limit`. Group history requires membership
+    /// (`PermissionDenied`); a direct conversation with a missing user is simply empty.
+    async fn history(
+        &self,
+        reader: UserId,
+        conversation: Conversation,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>>;
+
+    // ----- groups -----
+
+    /// Creates a group with `creator` as its admin and `members` (missing users are
+    /// `NotFound("user")`; duplicates and the creator are ignored). At most `max_members` in all.
+    async fn create_group(
+        &self,
+        creator: UserId,
+        name: &str,
+        members: &[UserId],
+        max_members: usize,
+        created_at: UnixMillis,
+    ) -> StoreResult<Group>;
+
+    /// Adds members; only an admin may (`PermissionDenied`). Existing members are ignored.
+    async fn add_members(
+        &self,
+        actor: UserId,
+        group: GroupId,
+        users: &[UserId],
+        max_members: usize,
+    ) -> StoreResult<Group>;
+
+    /// Removes a member; only an admin may, and an admin may remove themselves only by
+    /// leaving. `NotFound("member")` when the user is not in the group.
+    async fn remove_member(&self, actor: UserId, group: GroupId, user: UserId)
+    -> StoreResult<Group>;
+
+    /// The user leaves. If they were the last admin, the longest-standing member becomes admin;
+    /// the group is deleted when nobody is left.
+    async fn leave_group(&self, user: UserId, group: GroupId) -> StoreResult<()>;
+
+    /// The group with its members; `PermissionDenied` for non-members, `NotFound` if missing.
+    async fn group(&self, reader: UserId, group: GroupId) -> StoreResult<Group>;
+
+    /// The groups the user belongs to (members left empty), ordered by id.
+    async fn groups_of(&self, user: UserId) -> StoreResult<Vec<Group>>;
+
+    // ----- lifecycle -----
+
+    /// Commits whatever is pending and stops background work; later calls get `Unavailable`.
+    async fn close(&self) -> StoreResult<()>;
+}
+
+/// The one place store errors become wire errors.
+impl From<StoreError> for messenger_protocol::WireError {
+    fn from(e: StoreError) -> Self {
+        use messenger_protocol::ErrorCode;
+        let code = match &e {
+            StoreError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            StoreError::LimitExceeded(_) => ErrorCode::InvalidArgument,
+            StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::Backend(detail) => {
+                tracing::error!(%detail, "store failure");
+                return messenger_protocol::WireError::new(
+                    ErrorCode::Internal,
+                    "internal error; the request was not applied",
+                );
+            }
+        };
+        messenger_protocol::WireError::new(code, e.to_string())
+    }
+}
+
+/// Opens the store the configuration selects (the embedded SQLite store), migrating it.
+pub async fn open(config: &crate::config::Config) -> StoreResult<std::sync::Arc<dyn Store>> {
+    let path = config.sqlite_path();
+    let options = sqlite::SqliteOptions {
+        synchronous_full: config.store.sqlite_sync_full,
+        ..sqlite::SqliteOptions::default()
+    };
+    let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, options))
+        .await
+        .map_err(|e| StoreError::Backend(format!("opening the store: {e}")))??;
+    Ok(std::sync::Arc::new(store))
+}

@@ -1,0 +1,72 @@
+//! The only code that writes to a connection's socket. It drains the connection's outbound
+//! queue, coalescing every frame already waiting into one buffer so a burst of deliveries
+//! costs one TLS record series and one syscall instead of one per frame.
+//!
+//! A socket that accepts no bytes for `stall` is given up on: the connection closes and the
+//! device later resumes from its acknowledged cursor, so nothing is lost.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use messenger_protocol::codec::encode_frame;
+use messenger_protocol::pb;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::metrics;
+
+/// Stop coalescing once this much is buffered; the rest goes in the next write.
+const COALESCE_BYTES: usize = 64 * 1024;
+/// Buffers that grew past this during a burst are released instead of kept per connection.
+const KEEP_CAPACITY: usize = 16 * 1024;
+
+pub async fn run<W>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<pb::ServerFrame>,
+    max_frame_bytes: usize,
+    stall: Duration,
+    closing: CancellationToken,
+) where
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        let mut frames = 0u64;
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            match encode_frame(&frame, max_frame_bytes, &mut buf) {
+                Ok(()) => frames += 1,
+                Err(e) => warn!(error = %e, "dropping an unencodable outbound frame"),
+            }
+            if buf.len() < COALESCE_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        let write = async {
+            wr.write_all(&buf).await?;
+            wr.flush().await
+        };
+        match tokio::time::timeout(stall, write).await {
+            Ok(Ok(())) => metrics::frames_out(frames),
+            Ok(Err(e)) => {
+                debug!(error = %e, "write failed");
+                closing.cancel();
+                return;
+            }
+            Err(_) => {
+                warn!(stall_secs = stall.as_secs(), "peer stopped reading; closing");
+                metrics::stall_disconnect();
+                closing.cancel();
+                return;
+            }
+        }
+        buf.clear();
+        if buf.capacity() > KEEP_CAPACITY {
+            buf = BytesMut::new();
+        }
+    }
+    // The session ended and everything queued was written: close TLS cleanly.
+    let _ = tokio::time::timeout(Duration::from_secs(2), wr.shutdown()).await;
+}
