@@ -1,0 +1,1244 @@
+//! The store conformance suite: the behaviour every `Store` backend must show, written against
+//! `dyn Store` only so the same functions run unchanged on each backend. A backend plugs in by
+//! giving each function a fresh, empty store (see `sqlite_backend` at the bottom); the restart
+//! case takes a function that reopens the same database instead.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{NewAccount, NewSession, Store, StoreError};
+use crate::model::{
+    Appended, Conversation, DeviceId, GroupId, InboxEntry, MessageId, NewMessage, Recipient, Seq,
+    Session, StoredMessage, User, UserId,
+};
+
+/// Ids no test creates; the stores start counting at 1.
+const MISSING_USER: UserId = UserId(999_999);
+const MISSING_GROUP: GroupId = GroupId(999_999);
+const MISSING_DEVICE: DeviceId = DeviceId(999_999);
+const ALL: usize = usize::MAX;
+
+// ----- helpers -----
+
+fn new_account(name: &str) -> NewAccount {
+    NewAccount {
+        username: name.to_owned(),
+        username_key: name.to_lowercase(),
+        display_name: format!("{name} (display)"),
+        password_hash: format!("hash-of-{name}"),
+    }
+}
+
+async fn create(store: &dyn Store, name: &str) -> User {
+    store
+        .create_account(new_account(name))
+        .await
+        .expect("create account")
+}
+
+fn token(n: u8) -> [u8; 32] {
+    [n; 32]
+}
+
+async fn login(store: &dyn Store, user: &User, token_byte: u8) -> Session {
+    store
+        .create_session(NewSession {
+            user: user.id,
+            device_name: format!("device-{token_byte}"),
+            token_hash: token(token_byte),
+            expires_at: 1_000,
+        })
+        .await
+        .expect("create session")
+}
+
+fn message(from: &User, to: Recipient, client_msg_id: &str) -> NewMessage {
+    NewMessage {
+        sender: from.id,
+        to,
+        client_msg_id: client_msg_id.to_owned(),
+        body: Bytes::from(format!("body of {client_msg_id}")),
+        content_type: "text/plain".to_owned(),
+        server_time: 42,
+    }
+}
+
+async fn dm(store: &dyn Store, from: &User, to: &User, client_msg_id: &str) -> Appended {
+    store
+        .append_message(message(from, Recipient::User(to.id), client_msg_id))
+        .await
+        .expect("direct append")
+}
+
+async fn to_group(store: &dyn Store, from: &User, group: GroupId, client_msg_id: &str) -> Appended {
+    store
+        .append_message(message(from, Recipient::Group(group), client_msg_id))
+        .await
+        .expect("group append")
+}
+
+async fn inbox(store: &dyn Store, user: &User) -> Vec<InboxEntry> {
+    store
+        .read_inbox(user.id, Seq(0), ALL)
+        .await
+        .expect("read inbox")
+}
+
+fn seqs(entries: &[InboxEntry]) -> Vec<u64> {
+    entries.iter().map(|e| e.seq.0).collect()
+}
+
+fn client_ids(messages: &[StoredMessage]) -> Vec<&str> {
+    messages.iter().map(|m| m.client_msg_id.as_str()).collect()
+}
+
+async fn history(
+    store: &dyn Store,
+    reader: &User,
+    conversation: Conversation,
+    before: Option<MessageId>,
+    limit: usize,
+) -> Vec<StoredMessage> {
+    store
+        .history(reader.id, conversation, before, limit)
+        .await
+        .expect("history")
+}
+
+async fn members(store: &dyn Store, reader: &User, group: GroupId) -> Vec<(UserId, bool)> {
+    store
+        .group(reader.id, group)
+        .await
+        .expect("group")
+        .members
+        .iter()
+        .map(|m| (m.user.id, m.admin))
+        .collect()
+}
+
+#[track_caller]
+fn assert_err<T: std::fmt::Debug>(result: Result<T, StoreError>, expected: &StoreError) {
+    match result {
+        Err(e) if std::mem::discriminant(&e) == std::mem::discriminant(expected) => {
+            // The payload names what is missing or taken; it is part of the contract for
+            // NotFound/AlreadyExists/LimitExceeded, free text for PermissionDenied.
+            match (&e, expected) {
+                (StoreError::NotFound(a), StoreError::NotFound(b))
+                | (StoreError::AlreadyExists(a), StoreError::AlreadyExists(b))
+                | (StoreError::LimitExceeded(a), StoreError::LimitExceeded(b)) => {
+                    assert_eq!(a, b, "wrong error payload");
+                }
+                _ => {}
+            }
+        }
+        other => panic!("expected {expected:?}, got {other:?}"),
+    }
+}
+
+// ----- accounts -----
+
+pub(crate) async fn accounts_are_created_and_found(store: &dyn Store) {
+    let alice = create(store, "Alice").await;
+    assert_eq!(alice.username, "Alice");
+    assert_eq!(alice.display_name, "Alice (display)");
+
+    let by_name = store
+        .account_by_username("alice")
+        .await
+        .unwrap()
+        .expect("found by key");
+    assert_eq!(by_name.user, alice);
+    assert_eq!(by_name.password_hash, "hash-of-Alice");
+    let by_id = store
+        .account_by_id(alice.id)
+        .await
+        .unwrap()
+        .expect("found by id");
+    assert_eq!(by_id.user, alice);
+
+    let bob = create(store, "bob").await;
+    assert_ne!(bob.id, alice.id);
+    assert!(store.account_by_username("carol").await.unwrap().is_none());
+    assert!(store.account_by_id(MISSING_USER).await.unwrap().is_none());
+    assert!(
+        store
+            .account_by_id(UserId(u64::MAX))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.inbox_head(alice.id).await.unwrap(), Seq(0));
+    assert_eq!(store.inbox_head(MISSING_USER).await.unwrap(), Seq(0));
+}
+
+pub(crate) async fn usernames_are_unique_ignoring_case(store: &dyn Store) {
+    let alice = create(store, "Alice").await;
+    let mut shouting = new_account("ALICE");
+    shouting.password_hash = "other".into();
+    assert_err(
+        store.create_account(shouting).await,
+        &StoreError::AlreadyExists("username"),
+    );
+    let kept = store.account_by_username("alice").await.unwrap().unwrap();
+    assert_eq!(kept.user, alice);
+    assert_eq!(kept.password_hash, "hash-of-Alice");
+}
+
+pub(crate) async fn display_name_changes_do_not_rewrite_history(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    dm(store, &alice, &bob, "before").await;
+    let renamed = store.update_display_name(alice.id, "Queen").await.unwrap();
+    assert_eq!(renamed.id, alice.id);
+    assert_eq!(renamed.username, "alice");
+    assert_eq!(renamed.display_name, "Queen");
+    dm(store, &alice, &bob, "after").await;
+
+    let page = history(store, &bob, Conversation::Direct(alice.id), None, ALL).await;
+    assert_eq!(client_ids(&page), ["after", "before"]);
+    assert_eq!(page[0].sender.display_name, "Queen");
+    assert_eq!(page[1].sender.display_name, "alice (display)");
+    assert_err(
+        store.update_display_name(MISSING_USER, "x").await,
+        &StoreError::NotFound("user"),
+    );
+}
+
+pub(crate) async fn change_password_ends_every_other_session(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let phone = login(store, &alice, 1).await;
+    let laptop = login(store, &alice, 2).await;
+    let tablet = login(store, &alice, 3).await;
+    let bobs = login(store, &bob, 4).await;
+
+    let mut ended = store
+        .change_password(alice.id, "new-hash", laptop.device)
+        .await
+        .unwrap();
+    ended.sort();
+    let mut expected = vec![phone.device, tablet.device];
+    expected.sort();
+    assert_eq!(ended, expected);
+
+    let account = store.account_by_id(alice.id).await.unwrap().unwrap();
+    assert_eq!(account.password_hash, "new-hash");
+    assert!(store.session_by_token(&token(1)).await.unwrap().is_none());
+    assert!(store.session_by_token(&token(3)).await.unwrap().is_none());
+    let kept = store.session_by_token(&token(2)).await.unwrap().unwrap();
+    assert_eq!(kept.device, laptop.device);
+    let other = store.session_by_token(&token(4)).await.unwrap().unwrap();
+    assert_eq!(other.device, bobs.device);
+
+    assert_err(
+        store
+            .change_password(MISSING_USER, "x", MISSING_DEVICE)
+            .await,
+        &StoreError::NotFound("user"),
+    );
+}
+
+pub(crate) async fn deleted_account_frees_the_name_and_keeps_its_messages(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+    let device = login(store, &alice, 1).await;
+    let shared = store
+        .create_group(alice.id, "shared", &[bob.id, carol.id], 10, 1)
+        .await
+        .unwrap()
+        .id;
+    let alone = store
+        .create_group(alice.id, "alone", &[], 10, 1)
+        .await
+        .unwrap()
+        .id;
+    let sent = dm(store, &alice, &bob, "hello").await;
+    to_group(store, &alice, shared, "to the group").await;
+
+    let ended = store.delete_account(alice.id).await.unwrap();
+    assert_eq!(ended, [device.device]);
+
+    assert!(store.session_by_token(&token(1)).await.unwrap().is_none());
+    assert!(store.account_by_id(alice.id).await.unwrap().is_none());
+    assert!(store.account_by_username("alice").await.unwrap().is_none());
+    assert!(store.groups_of(alice.id).await.unwrap().is_empty());
+    assert!(
+        store
+            .read_inbox(alice.id, Seq(0), ALL)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.inbox_head(alice.id).await.unwrap(), Seq(0));
+
+    // The group she led now has her longest-standing member as admin; her solo group is gone.
+    assert_eq!(
+        members(store, &bob, shared).await,
+        [(bob.id, true), (carol.id, false)]
+    );
+    assert_err(
+        store.group(bob.id, alone).await,
+        &StoreError::NotFound("group"),
+    );
+
+    // What she sent stays, with her name as it was.
+    let page = history(store, &bob, Conversation::Direct(alice.id), None, ALL).await;
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, sent.message.id);
+    assert_eq!(page[0].sender, alice);
+    let bobs = inbox(store, &bob).await;
+    assert_eq!(client_ids(&[(*bobs[0].message).clone()]), ["hello"]);
+    assert_eq!(bobs.len(), 2);
+    let group_page = history(store, &carol, Conversation::Group(shared), None, ALL).await;
+    assert_eq!(group_page[0].sender, alice);
+
+    // Nobody acts for or reaches a deleted account.
+    assert_err(
+        store
+            .append_message(message(&bob, Recipient::User(alice.id), "late"))
+            .await,
+        &StoreError::NotFound("user"),
+    );
+    assert_err(
+        store
+            .append_message(message(&alice, Recipient::User(bob.id), "ghost"))
+            .await,
+        &StoreError::NotFound("user"),
+    );
+    assert_err(
+        store.delete_account(alice.id).await,
+        &StoreError::NotFound("user"),
+    );
+
+    // The name is free again, the id is not reused, and the newcomer inherits nothing.
+    let again = create(store, "Alice").await;
+    assert_ne!(again.id, alice.id);
+    assert!(
+        history(store, &again, Conversation::Direct(bob.id), None, ALL)
+            .await
+            .is_empty()
+    );
+    assert!(inbox(store, &again).await.is_empty());
+}
+
+// ----- sessions -----
+
+pub(crate) async fn sessions_are_found_by_token_touched_and_deleted(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let session = login(store, &alice, 7).await;
+    assert_eq!(session.user, alice);
+    assert_eq!(session.device_name, "device-7");
+    assert_eq!(session.expires_at, 1_000);
+    assert_eq!(session.acked, Seq(0));
+
+    let found = store.session_by_token(&token(7)).await.unwrap().unwrap();
+    assert_eq!(found.device, session.device);
+    assert_eq!(found.user, alice);
+    assert_eq!(found.device_name, "device-7");
+    assert!(store.session_by_token(&token(8)).await.unwrap().is_none());
+
+    store.touch_session(session.device, 5_000).await.unwrap();
+    let touched = store.session_by_token(&token(7)).await.unwrap().unwrap();
+    assert_eq!(touched.expires_at, 5_000);
+    assert_err(
+        store.touch_session(MISSING_DEVICE, 1).await,
+        &StoreError::NotFound("session"),
+    );
+
+    let second = login(store, &alice, 8).await;
+    assert_ne!(second.device, session.device);
+    store.delete_session(session.device).await.unwrap();
+    assert!(store.session_by_token(&token(7)).await.unwrap().is_none());
+    assert!(store.session_by_token(&token(8)).await.unwrap().is_some());
+    store.delete_session(session.device).await.unwrap();
+
+    assert_err(
+        store
+            .create_session(NewSession {
+                user: MISSING_USER,
+                device_name: "x".into(),
+                token_hash: token(9),
+                expires_at: 1,
+            })
+            .await,
+        &StoreError::NotFound("user"),
+    );
+}
+
+pub(crate) async fn acks_only_move_forward_and_stop_at_the_head(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let session = login(store, &alice, 1).await;
+    for i in 0..3 {
+        dm(store, &bob, &alice, &format!("m{i}")).await;
+    }
+    let acked = || async {
+        store
+            .session_by_token(&token(1))
+            .await
+            .unwrap()
+            .unwrap()
+            .acked
+    };
+
+    store.ack(session.device, Seq(2)).await.unwrap();
+    assert_eq!(acked().await, Seq(2));
+    store.ack(session.device, Seq(1)).await.unwrap();
+    assert_eq!(acked().await, Seq(2));
+    store.ack(session.device, Seq(100)).await.unwrap();
+    assert_eq!(acked().await, Seq(3));
+    store.ack(session.device, Seq(u64::MAX)).await.unwrap();
+    assert_eq!(acked().await, Seq(3));
+
+    // A session revoked meanwhile is not an error for the acking connection.
+    store.ack(MISSING_DEVICE, Seq(1)).await.unwrap();
+    store.delete_session(session.device).await.unwrap();
+    store.ack(session.device, Seq(3)).await.unwrap();
+}
+
+// ----- messages -----
+
+pub(crate) async fn direct_message_lands_in_both_inboxes(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let appended = dm(store, &alice, &bob, "m1").await;
+    assert!(!appended.duplicate);
+    let mut expected = vec![(alice.id, Seq(1)), (bob.id, Seq(1))];
+    expected.sort();
+    assert_eq!(appended.entries, expected);
+
+    let m = &appended.message;
+    assert_eq!(m.sender, alice);
+    assert_eq!(m.to, Recipient::User(bob.id));
+    assert_eq!(m.client_msg_id, "m1");
+    assert_eq!(m.body, Bytes::from("body of m1"));
+    assert_eq!(m.content_type, "text/plain");
+    assert_eq!(m.server_time, 42);
+
+    for user in [&alice, &bob] {
+        let entries = inbox(store, user).await;
+        assert_eq!(seqs(&entries), [1]);
+        assert_eq!(*entries[0].message, **m);
+        assert_eq!(store.inbox_head(user.id).await.unwrap(), Seq(1));
+    }
+
+    // Writing to yourself is one inbox entry, not two.
+    let note = dm(store, &alice, &alice, "note to self").await;
+    assert_eq!(note.entries, [(alice.id, Seq(2))]);
+    assert_eq!(seqs(&inbox(store, &alice).await), [1, 2]);
+    assert_eq!(seqs(&inbox(store, &bob).await), [1]);
+}
+
+pub(crate) async fn retried_append_returns_the_first_message(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let first = dm(store, &alice, &bob, "same").await;
+    let mut retry = message(&alice, Recipient::User(bob.id), "same");
+    retry.body = Bytes::from_static(b"a different body");
+    let second = store.append_message(retry).await.unwrap();
+    assert!(second.duplicate);
+    assert!(second.entries.is_empty());
+    assert_eq!(*second.message, *first.message);
+    assert_eq!(store.inbox_head(bob.id).await.unwrap(), Seq(1));
+    assert_eq!(store.inbox_head(alice.id).await.unwrap(), Seq(1));
+
+    // Uniqueness is per sender.
+    let bobs = dm(store, &bob, &alice, "same").await;
+    assert!(!bobs.duplicate);
+    assert_ne!(bobs.message.id, first.message.id);
+}
+
+pub(crate) async fn append_to_a_missing_recipient_is_not_found(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    assert_err(
+        store
+            .append_message(message(&alice, Recipient::User(MISSING_USER), "a"))
+            .await,
+        &StoreError::NotFound("user"),
+    );
+    assert_err(
+        store
+            .append_message(message(&alice, Recipient::Group(MISSING_GROUP), "b"))
+            .await,
+        &StoreError::NotFound("group"),
+    );
+    assert_eq!(store.inbox_head(alice.id).await.unwrap(), Seq(0));
+    // A failed append does not burn its client_msg_id.
+    let bob = create(store, "bob").await;
+    assert!(!dm(store, &alice, &bob, "a").await.duplicate);
+}
+
+pub(crate) async fn group_message_fans_out_to_every_member(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+    let dave = create(store, "dave").await;
+    let group = store
+        .create_group(alice.id, "team", &[bob.id, carol.id], 10, 1)
+        .await
+        .unwrap()
+        .id;
+    dm(store, &bob, &carol, "warm-up").await;
+
+    let appended = to_group(store, &bob, group, "hi all").await;
+    let mut expected = vec![(alice.id, Seq(1)), (bob.id, Seq(2)), (carol.id, Seq(2))];
+    expected.sort();
+    assert_eq!(appended.entries, expected);
+    assert_eq!(appended.message.to, Recipient::Group(group));
+    for (user, seq) in [(&alice, 1), (&bob, 2), (&carol, 2)] {
+        let entries = inbox(store, user).await;
+        let last = entries.last().expect("an entry");
+        assert_eq!(last.seq, Seq(seq));
+        assert_eq!(last.message.id, appended.message.id);
+    }
+    assert!(inbox(store, &dave).await.is_empty());
+}
+
+pub(crate) async fn non_member_cannot_send_to_a_group(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let dave = create(store, "dave").await;
+    let group = store
+        .create_group(alice.id, "team", &[bob.id], 10, 1)
+        .await
+        .unwrap()
+        .id;
+    let earlier = to_group(store, &bob, group, "earlier").await;
+
+    assert_err(
+        store
+            .append_message(message(&dave, Recipient::Group(group), "sneak"))
+            .await,
+        &StoreError::PermissionDenied(""),
+    );
+    store.remove_member(alice.id, group, bob.id).await.unwrap();
+    assert_err(
+        store
+            .append_message(message(&bob, Recipient::Group(group), "after removal"))
+            .await,
+        &StoreError::PermissionDenied(""),
+    );
+    assert_eq!(store.inbox_head(alice.id).await.unwrap(), Seq(1));
+    assert_eq!(store.inbox_head(dave.id).await.unwrap(), Seq(0));
+    let page = history(store, &alice, Conversation::Group(group), None, ALL).await;
+    assert_eq!(client_ids(&page), ["earlier"]);
+
+    // A retry of what was accepted before the removal still gets its first answer.
+    let retry = store
+        .append_message(message(&bob, Recipient::Group(group), "earlier"))
+        .await
+        .unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.message.id, earlier.message.id);
+}
+
+pub(crate) async fn inbox_reads_in_order_and_pages(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    for i in 0..10 {
+        let (from, to) = if i % 2 == 0 {
+            (&alice, &bob)
+        } else {
+            (&bob, &alice)
+        };
+        dm(store, from, to, &format!("m{i}")).await;
+    }
+    let all = inbox(store, &alice).await;
+    assert_eq!(seqs(&all), (1..=10).collect::<Vec<_>>());
+    let ids: Vec<_> = all
+        .iter()
+        .map(|e| e.message.client_msg_id.clone())
+        .collect();
+    assert_eq!(ids, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert!(all.windows(2).all(|w| w[0].message.id < w[1].message.id));
+
+    let mut pages = Vec::new();
+    let mut after = Seq(0);
+    loop {
+        let page = store.read_inbox(alice.id, after, 4).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map_or(after, |e| e.seq);
+        pages.push(seqs(&page));
+    }
+    assert_eq!(pages, [vec![1, 2, 3, 4], vec![5, 6, 7, 8], vec![9, 10]]);
+    assert!(
+        store
+            .read_inbox(alice.id, Seq(0), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .read_inbox(alice.id, Seq(u64::MAX), ALL)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.inbox_head(alice.id).await.unwrap(), Seq(10));
+}
+
+pub(crate) async fn direct_history_pages_newest_first_from_both_sides(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+    for i in 1..=7 {
+        let (from, to) = if i % 2 == 0 {
+            (&alice, &bob)
+        } else {
+            (&bob, &alice)
+        };
+        dm(store, from, to, &format!("m{i}")).await;
+        // Other conversations interleave and must not show up.
+        dm(store, &alice, &carol, &format!("c{i}")).await;
+    }
+    let conv = Conversation::Direct(bob.id);
+    let first = history(store, &alice, conv, None, 3).await;
+    assert_eq!(client_ids(&first), ["m7", "m6", "m5"]);
+    let second = history(store, &alice, conv, Some(first[2].id), 3).await;
+    assert_eq!(client_ids(&second), ["m4", "m3", "m2"]);
+    let third = history(store, &alice, conv, Some(second[2].id), 3).await;
+    assert_eq!(client_ids(&third), ["m1"]);
+    assert!(
+        history(store, &alice, conv, Some(third[0].id), 3)
+            .await
+            .is_empty()
+    );
+
+    let from_bob = history(store, &bob, Conversation::Direct(alice.id), None, ALL).await;
+    let all: Vec<_> = first.iter().chain(&second).chain(&third).cloned().collect();
+    assert_eq!(from_bob, all);
+    assert!(
+        history(store, &alice, Conversation::Direct(MISSING_USER), None, ALL)
+            .await
+            .is_empty()
+    );
+
+    dm(store, &alice, &alice, "note").await;
+    let notes = history(store, &alice, Conversation::Direct(alice.id), None, ALL).await;
+    assert_eq!(client_ids(&notes), ["note"]);
+}
+
+pub(crate) async fn group_history_is_for_members_only(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+    let group = store
+        .create_group(alice.id, "team", &[bob.id], 10, 1)
+        .await
+        .unwrap()
+        .id;
+    let other = store
+        .create_group(alice.id, "other", &[bob.id], 10, 1)
+        .await
+        .unwrap()
+        .id;
+    for i in 1..=5 {
+        let from = if i % 2 == 0 { &alice } else { &bob };
+        to_group(store, from, group, &format!("g{i}")).await;
+        to_group(store, from, other, &format!("o{i}")).await;
+    }
+    let conv = Conversation::Group(group);
+    let page = history(store, &bob, conv, None, 2).await;
+    assert_eq!(client_ids(&page), ["g5", "g4"]);
+    let rest = history(store, &bob, conv, Some(page[1].id), ALL).await;
+    assert_eq!(client_ids(&rest), ["g3", "g2", "g1"]);
+
+    assert_err(
+        store.history(carol.id, conv, None, ALL).await,
+        &StoreError::PermissionDenied(""),
+    );
+    assert_err(
+        store
+            .history(alice.id, Conversation::Group(MISSING_GROUP), None, ALL)
+            .await,
+        &StoreError::NotFound("group"),
+    );
+    store.leave_group(bob.id, group).await.unwrap();
+    assert_err(
+        store.history(bob.id, conv, None, ALL).await,
+        &StoreError::PermissionDenied(""),
+    );
+}
+
+// ----- groups -----
+
+pub(crate) async fn group_changes_follow_admin_rules(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+    let dave = create(store, "dave").await;
+    let erin = create(store, "erin").await;
+
+    let created = store
+        .create_group(alice.id, "team", &[bob.id, bob.id, alice.id], 10, 1234)
+        .await
+        .unwrap();
+    assert_eq!(created.name, "team");
+    assert_eq!(created.created_at, 1234);
+    let got: Vec<_> = created
+        .members
+        .iter()
+        .map(|m| (m.user.id, m.admin))
+        .collect();
+    assert_eq!(got, [(alice.id, true), (bob.id, false)]);
+    assert_eq!(created.members[0].user, alice);
+    let group = created.id;
+
+    let denied = StoreError::PermissionDenied("");
+    assert_err(
+        store.add_members(bob.id, group, &[carol.id], 10).await,
+        &denied,
+    );
+    assert_err(
+        store.add_members(dave.id, group, &[carol.id], 10).await,
+        &denied,
+    );
+    assert_err(
+        store
+            .add_members(alice.id, MISSING_GROUP, &[carol.id], 10)
+            .await,
+        &StoreError::NotFound("group"),
+    );
+
+    let added = store
+        .add_members(alice.id, group, &[carol.id, bob.id, carol.id], 10)
+        .await
+        .unwrap();
+    let got: Vec<_> = added.members.iter().map(|m| (m.user.id, m.admin)).collect();
+    assert_eq!(got, [(alice.id, true), (bob.id, false), (carol.id, false)]);
+
+    assert_err(
+        store
+            .add_members(alice.id, group, &[dave.id, MISSING_USER], 10)
+            .await,
+        &StoreError::NotFound("user"),
+    );
+    assert_err(
+        store
+            .add_members(alice.id, group, &[dave.id, erin.id], 4)
+            .await,
+        &StoreError::LimitExceeded("group size"),
+    );
+    assert_eq!(members(store, &alice, group).await.len(), 3);
+    assert_err(store.group(dave.id, group).await, &denied);
+
+    assert_err(store.remove_member(bob.id, group, carol.id).await, &denied);
+    assert_err(store.remove_member(dave.id, group, carol.id).await, &denied);
+    assert_err(
+        store.remove_member(alice.id, group, alice.id).await,
+        &denied,
+    );
+    assert_err(
+        store.remove_member(alice.id, group, dave.id).await,
+        &StoreError::NotFound("member"),
+    );
+    let after = store
+        .remove_member(alice.id, group, carol.id)
+        .await
+        .unwrap();
+    let got: Vec<_> = after.members.iter().map(|m| (m.user.id, m.admin)).collect();
+    assert_eq!(got, [(alice.id, true), (bob.id, false)]);
+
+    assert_err(store.group(carol.id, group).await, &denied);
+    assert_err(
+        store.group(alice.id, MISSING_GROUP).await,
+        &StoreError::NotFound("group"),
+    );
+    assert!(store.groups_of(carol.id).await.unwrap().is_empty());
+    let listed = store.groups_of(bob.id).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, group);
+    assert_eq!(listed[0].name, "team");
+    assert!(listed[0].members.is_empty());
+}
+
+pub(crate) async fn create_group_checks_users_and_size(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+
+    assert_err(
+        store
+            .create_group(alice.id, "g", &[bob.id, MISSING_USER], 10, 1)
+            .await,
+        &StoreError::NotFound("user"),
+    );
+    assert_err(
+        store
+            .create_group(MISSING_USER, "g", &[bob.id], 10, 1)
+            .await,
+        &StoreError::NotFound("user"),
+    );
+    assert_err(
+        store
+            .create_group(alice.id, "g", &[bob.id, carol.id], 2, 1)
+            .await,
+        &StoreError::LimitExceeded("group size"),
+    );
+    assert!(store.groups_of(alice.id).await.unwrap().is_empty());
+
+    // Duplicates and the creator do not count against the limit.
+    let first = store
+        .create_group(
+            alice.id,
+            "first",
+            &[bob.id, carol.id, bob.id, alice.id],
+            3,
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.members.len(), 3);
+    let second = store
+        .create_group(bob.id, "second", &[alice.id], 3, 2)
+        .await
+        .unwrap();
+    assert!(second.id > first.id);
+    let listed: Vec<_> = store
+        .groups_of(alice.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| (g.id, g.name))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (first.id, "first".to_owned()),
+            (second.id, "second".to_owned())
+        ]
+    );
+}
+
+pub(crate) async fn leaving_hands_admin_to_the_longest_standing_member(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+    let dave = create(store, "dave").await;
+    // dave joins after carol, so carol is the longer-standing of the two.
+    let group = store
+        .create_group(alice.id, "team", &[bob.id, carol.id], 10, 1)
+        .await
+        .unwrap()
+        .id;
+    store
+        .add_members(alice.id, group, &[dave.id], 10)
+        .await
+        .unwrap();
+    to_group(store, &alice, group, "before anyone left").await;
+
+    store.leave_group(bob.id, group).await.unwrap();
+    assert_eq!(
+        members(store, &alice, group).await,
+        [(alice.id, true), (carol.id, false), (dave.id, false)]
+    );
+    assert_err(
+        store.leave_group(bob.id, group).await,
+        &StoreError::NotFound("member"),
+    );
+
+    store.leave_group(alice.id, group).await.unwrap();
+    assert_eq!(
+        members(store, &carol, group).await,
+        [(carol.id, true), (dave.id, false)]
+    );
+    store.leave_group(carol.id, group).await.unwrap();
+    assert_eq!(members(store, &dave, group).await, [(dave.id, true)]);
+
+    store.leave_group(dave.id, group).await.unwrap();
+    assert_err(
+        store.group(dave.id, group).await,
+        &StoreError::NotFound("group"),
+    );
+    assert_err(
+        store.leave_group(dave.id, group).await,
+        &StoreError::NotFound("group"),
+    );
+    assert!(store.groups_of(dave.id).await.unwrap().is_empty());
+    // Leaving takes nothing out of anyone's inbox.
+    assert_eq!(
+        client_ids(&[(*inbox(store, &bob).await[0].message).clone()]),
+        ["before anyone left"]
+    );
+    // A deleted group's id is never reused, so its old messages cannot leak into a new group.
+    let next = store
+        .create_group(alice.id, "next", &[], 10, 2)
+        .await
+        .unwrap();
+    assert_ne!(next.id, group);
+    assert!(
+        history(store, &alice, Conversation::Group(next.id), None, ALL)
+            .await
+            .is_empty()
+    );
+}
+
+// ----- concurrency -----
+
+/// Many concurrent senders to overlapping recipients, with pollers reading behind them: each
+/// inbox must come out dense (1..=N), every reported entry must be where it was reported, and
+/// a poller following `after = cursor` must never have skipped an entry.
+pub(crate) async fn concurrent_appends_keep_every_inbox_gapless(store: Arc<dyn Store>) {
+    const USERS: usize = 8;
+    const TASKS: usize = 32;
+    const PER_TASK: usize = 50;
+
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        users.push(create(store.as_ref(), &format!("user{i}")).await);
+    }
+    let all_ids: Vec<_> = users.iter().map(|u| u.id).collect();
+    let everyone = store
+        .create_group(users[0].id, "everyone", &all_ids, 100, 1)
+        .await
+        .unwrap()
+        .id;
+    let half = store
+        .create_group(users[1].id, "half", &all_ids[..USERS / 2], 100, 1)
+        .await
+        .unwrap()
+        .id;
+    let users = Arc::new(users);
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let mut pollers = Vec::new();
+    for user in users.iter().map(|u| u.id) {
+        let store = Arc::clone(&store);
+        let finished = Arc::clone(&finished);
+        pollers.push(tokio::spawn(async move {
+            let mut seen: Vec<(u64, MessageId)> = Vec::new();
+            let mut cursor = Seq(0);
+            loop {
+                // Read `finished` before polling: the poll after it was set sees everything.
+                let last_round = finished.load(std::sync::atomic::Ordering::Acquire);
+                let page = store.read_inbox(user, cursor, 16).await.unwrap();
+                for entry in &page {
+                    assert_eq!(entry.seq.0, cursor.0 + 1, "poller of {user} skipped");
+                    cursor = entry.seq;
+                    seen.push((entry.seq.0, entry.message.id));
+                }
+                if page.is_empty() {
+                    if last_round {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+            (user, seen)
+        }));
+    }
+
+    let mut senders = Vec::new();
+    for task in 0..TASKS {
+        let store = Arc::clone(&store);
+        let users = Arc::clone(&users);
+        senders.push(tokio::spawn(async move {
+            let mut appended = Vec::new();
+            let from = &users[task % USERS];
+            for i in 0..PER_TASK {
+                let to = match i % 4 {
+                    0 => Recipient::Group(everyone),
+                    1 if task % USERS < USERS / 2 => Recipient::Group(half),
+                    _ => Recipient::User(users[(task + i) % USERS].id),
+                };
+                let cid = format!("t{task}-m{i}");
+                let result = store.append_message(message(from, to, &cid)).await.unwrap();
+                assert!(!result.duplicate);
+                appended.push(result);
+            }
+            appended
+        }));
+    }
+    let mut appended = Vec::new();
+    for sender in senders {
+        appended.extend(sender.await.unwrap());
+    }
+    finished.store(true, std::sync::atomic::Ordering::Release);
+
+    // Where every append said each entry went.
+    let mut reported: BTreeMap<UserId, BTreeMap<u64, MessageId>> = BTreeMap::new();
+    for a in &appended {
+        assert!(a.entries.windows(2).all(|w| w[0].0 < w[1].0));
+        for &(user, seq) in &a.entries {
+            let previous = reported
+                .entry(user)
+                .or_default()
+                .insert(seq.0, a.message.id);
+            assert!(previous.is_none(), "seq {seq} of {user} handed out twice");
+        }
+    }
+    let message_ids: HashSet<_> = appended.iter().map(|a| a.message.id).collect();
+    assert_eq!(message_ids.len(), TASKS * PER_TASK);
+
+    for poller in pollers {
+        let (user, seen) = poller.await.unwrap();
+        let full = store.read_inbox(user, Seq(0), ALL).await.unwrap();
+        let n = full.len() as u64;
+        assert!(n > 0);
+        assert_eq!(seqs(&full), (1..=n).collect::<Vec<_>>(), "gap in {user}");
+        assert_eq!(store.inbox_head(user).await.unwrap(), Seq(n));
+        let full: Vec<_> = full.iter().map(|e| (e.seq.0, e.message.id)).collect();
+        assert_eq!(seen, full, "poller of {user} saw a different inbox");
+        let expected: Vec<_> = reported
+            .get(&user)
+            .map(|m| m.iter().map(|(s, id)| (*s, *id)).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            full, expected,
+            "inbox of {user} differs from the append results"
+        );
+    }
+}
+
+/// Concurrent commands that fail (a taken name) must fail alone, whatever they were batched
+/// with.
+pub(crate) async fn concurrent_duplicate_usernames_have_one_winner(store: Arc<dyn Store>) {
+    let mut tasks = Vec::new();
+    for attempt in 0..40 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let name = format!("name{}", attempt % 10);
+            (name.clone(), store.create_account(new_account(&name)).await)
+        }));
+    }
+    let mut winners: BTreeMap<String, usize> = BTreeMap::new();
+    for task in tasks {
+        let (name, result) = task.await.unwrap();
+        match result {
+            Ok(user) => {
+                assert_eq!(user.username, name);
+                *winners.entry(name).or_default() += 1;
+            }
+            Err(e) => assert_err::<()>(Err(e), &StoreError::AlreadyExists("username")),
+        }
+    }
+    assert_eq!(winners.len(), 10);
+    assert!(winners.values().all(|&n| n == 1));
+    for i in 0..10 {
+        let found = store
+            .account_by_username(&format!("name{i}"))
+            .await
+            .unwrap();
+        assert!(found.is_some());
+    }
+}
+
+// ----- lifecycle -----
+
+pub(crate) async fn closed_store_is_unavailable(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    store.close().await.unwrap();
+    let unavailable = StoreError::Unavailable(String::new());
+    assert_err(store.create_account(new_account("bob")).await, &unavailable);
+    assert_err(store.account_by_id(alice.id).await, &unavailable);
+    assert_err(store.read_inbox(alice.id, Seq(0), ALL).await, &unavailable);
+    store.close().await.unwrap();
+}
+
+/// What was acknowledged before a clean shutdown is all there after reopening, and counters
+/// (ids, seqs) carry on rather than restart.
+pub(crate) async fn everything_survives_a_restart<F, Fut>(open: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open().await;
+    let s = store.as_ref();
+    let alice = create(s, "alice").await;
+    let bob = create(s, "bob").await;
+    let gone = create(s, "gone").await;
+    login(s, &alice, 1).await;
+    let group = s
+        .create_group(alice.id, "team", &[bob.id], 10, 1)
+        .await
+        .unwrap()
+        .id;
+    let first = dm(s, &alice, &bob, "m1").await;
+    to_group(s, &bob, group, "g1").await;
+    let device = s.session_by_token(&token(1)).await.unwrap().unwrap().device;
+    s.ack(device, Seq(1)).await.unwrap();
+    s.delete_account(gone.id).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+
+    let store = open().await;
+    let s = store.as_ref();
+    assert_eq!(
+        s.account_by_username("alice").await.unwrap().unwrap().user,
+        alice
+    );
+    let session = s.session_by_token(&token(1)).await.unwrap().unwrap();
+    assert_eq!(session.device, device);
+    assert_eq!(session.acked, Seq(1));
+    assert_eq!(seqs(&inbox(s, &bob).await), [1, 2]);
+    assert_eq!(s.inbox_head(alice.id).await.unwrap(), Seq(2));
+    assert_eq!(
+        client_ids(&history(s, &alice, Conversation::Group(group), None, ALL).await),
+        ["g1"]
+    );
+    assert_eq!(
+        members(s, &bob, group).await,
+        [(alice.id, true), (bob.id, false)]
+    );
+
+    let next = dm(s, &bob, &alice, "m2").await;
+    assert!(next.message.id > first.message.id);
+    assert_eq!(next.entries, {
+        let mut e = vec![(alice.id, Seq(3)), (bob.id, Seq(3))];
+        e.sort();
+        e
+    });
+    let retry = s
+        .append_message(message(&alice, Recipient::User(bob.id), "m1"))
+        .await
+        .unwrap();
+    assert!(retry.duplicate);
+    let newcomer = create(s, "gone").await;
+    assert!(newcomer.id > gone.id, "a deleted account's id came back");
+    store.close().await.unwrap();
+}
+
+// ----- the SQLite backend -----
+
+mod sqlite_backend {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use tempfile::TempDir;
+
+    use super::super::Store;
+    use super::super::sqlite::{SqliteOptions, SqliteStore};
+    use crate::model::{Recipient, Seq};
+
+    fn db_path(dir: &TempDir) -> PathBuf {
+        dir.path().join("data").join("messenger.db")
+    }
+
+    fn open(dir: &TempDir) -> Arc<dyn Store> {
+        Arc::new(SqliteStore::open(&db_path(dir), SqliteOptions::default()).expect("open store"))
+    }
+
+    /// One test per suite function, each on a fresh database in its own directory.
+    macro_rules! suite {
+        (borrowed: [$($name:ident),* $(,)?], shared: [$($shared:ident),* $(,)?] $(,)?) => {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let dir = TempDir::new().expect("temp dir");
+                    let store = open(&dir);
+                    super::$name(store.as_ref()).await;
+                    store.close().await.expect("close");
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $shared() {
+                    let dir = TempDir::new().expect("temp dir");
+                    let store = open(&dir);
+                    super::$shared(Arc::clone(&store)).await;
+                    store.close().await.expect("close");
+                }
+            )*
+        };
+    }
+
+    suite! {
+        borrowed: [
+            accounts_are_created_and_found,
+            usernames_are_unique_ignoring_case,
+            display_name_changes_do_not_rewrite_history,
+            change_password_ends_every_other_session,
+            deleted_account_frees_the_name_and_keeps_its_messages,
+            sessions_are_found_by_token_touched_and_deleted,
+            acks_only_move_forward_and_stop_at_the_head,
+            direct_message_lands_in_both_inboxes,
+            retried_append_returns_the_first_message,
+            append_to_a_missing_recipient_is_not_found,
+            group_message_fans_out_to_every_member,
+            non_member_cannot_send_to_a_group,
+            inbox_reads_in_order_and_pages,
+            direct_history_pages_newest_first_from_both_sides,
+            group_history_is_for_members_only,
+            group_changes_follow_admin_rules,
+            create_group_checks_users_and_size,
+            leaving_hands_admin_to_the_longest_standing_member,
+            closed_store_is_unavailable,
+        ],
+        shared: [
+            concurrent_appends_keep_every_inbox_gapless,
+            concurrent_duplicate_usernames_have_one_winner,
+        ],
+    }
+
+    #[tokio::test]
+    async fn everything_survives_a_restart() {
+        let dir = TempDir::new().expect("temp dir");
+        super::everything_survives_a_restart(|| async { open(&dir) }).await;
+    }
+
+    // Beyond the shared contract: SQLite specifics.
+
+    #[tokio::test]
+    async fn open_creates_the_data_directory_and_reopens_without_remigrating() {
+        let dir = TempDir::new().expect("temp dir");
+        let path = dir.path().join("a").join("b").join("messenger.db");
+        for _ in 0..2 {
+            let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+            store.close().await.expect("close");
+        }
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn dropping_without_close_keeps_what_was_acknowledged() {
+        let dir = TempDir::new().expect("temp dir");
+        let store = open(&dir);
+        let alice = super::create(store.as_ref(), "alice").await;
+        super::dm(store.as_ref(), &alice, &alice, "kept").await;
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.inbox_head(alice.id).await.unwrap(), Seq(1));
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_tiny_batch_limit_and_one_reader_still_keep_the_contract() {
+        let dir = TempDir::new().expect("temp dir");
+        let options = SqliteOptions {
+            synchronous_full: false,
+            readers: 1,
+            max_batch: 1,
+        };
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&db_path(&dir), options).expect("open"));
+        let alice = super::create(store.as_ref(), "alice").await;
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let store = Arc::clone(&store);
+            let alice = alice.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .append_message(super::message(
+                        &alice,
+                        Recipient::User(alice.id),
+                        &format!("m{i}"),
+                    ))
+                    .await
+                    .unwrap()
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let all = super::inbox(store.as_ref(), &alice).await;
+        assert_eq!(super::seqs(&all), (1..=20).collect::<Vec<_>>());
+        store.close().await.expect("close");
+    }
+}

@@ -1,4 +1,4 @@
-//! The embedded store: SQLite in WAL mode, one file in the data directory.
+//! The embedded store: `SQLite` in WAL mode, one file in the data directory.
 //!
 //! Owns that file and nothing else. Every change goes through one writer thread, which runs
 //! whatever commands are queued in one transaction (group commit: one fsync for the whole
@@ -244,7 +244,7 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// SQLite integers are signed. An id beyond `i64::MAX` cannot name a stored row, so it becomes
+/// `SQLite` integers are signed. An id beyond `i64::MAX` cannot name a stored row, so it becomes
 /// -1, which matches nothing (stored ids are positive).
 fn id_param(id: u64) -> i64 {
     i64::try_from(id).unwrap_or(-1)
@@ -392,7 +392,8 @@ where
 }
 
 fn writer_loop(conn: Connection, queue: mpsc::Receiver<Command>, max_batch: usize) {
-    let mut batch: Vec<Box<dyn WriteOp>> = Vec::with_capacity(max_batch);
+    // Bounded preallocation: max_batch is configuration, not a promise of memory.
+    let mut batch: Vec<Box<dyn WriteOp>> = Vec::with_capacity(max_batch.min(1024));
     let mut stopping = false;
     while !stopping {
         // Block for the first command, then take whatever piled up meanwhile: under load the

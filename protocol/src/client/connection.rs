@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace, warn};
 
 use super::{ClientError, Trust, tls};
-use crate::codec::{ClientCodec, CodecError};
+use crate::codec::{ClientCodec, CodecError, LENGTH_PREFIX_BYTES};
 use crate::pb::{self, client_frame, server_frame};
 
 type Tls = TlsStream<TcpStream>;
@@ -355,36 +355,33 @@ async fn handshake(
         })
         .await
         .map_err(codec_error)?;
-    loop {
-        let frame = match framed.next().await {
-            Some(frame) => frame.map_err(codec_error)?,
-            None => {
-                return Err(ClientError::Closed(
-                    "server closed the connection during the handshake".into(),
-                ));
-            }
-        };
-        match frame.kind {
-            Some(server_frame::Kind::HelloOk(ok)) if frame.request_id == 1 => {
-                if ok.protocol_version != crate::PROTOCOL_VERSION {
-                    return Err(ClientError::Protocol(format!(
-                        "server speaks protocol version {}, this client {}",
-                        ok.protocol_version,
-                        crate::PROTOCOL_VERSION
-                    )));
-                }
-                return Ok(ok);
-            }
-            Some(server_frame::Kind::Error(e)) => return Err(ClientError::Wire(e.into())),
-            Some(server_frame::Kind::GoAway(g)) => {
-                return Err(ClientError::Closed(format!(
-                    "server going away during the handshake: {}",
-                    g.reason
-                )));
-            }
-            Some(other) => return Err(unexpected("HelloOk", other)),
-            None => return Err(missing("a recognised kind (expected HelloOk)")),
+    let frame = match framed.next().await {
+        Some(frame) => frame.map_err(codec_error)?,
+        None => {
+            return Err(ClientError::Closed(
+                "server closed the connection during the handshake".into(),
+            ));
         }
+    };
+    match frame.kind {
+        Some(server_frame::Kind::HelloOk(ok)) if frame.request_id == 1 => {
+            if ok.protocol_version == crate::PROTOCOL_VERSION {
+                Ok(ok)
+            } else {
+                Err(ClientError::Protocol(format!(
+                    "server speaks protocol version {}, this client {}",
+                    ok.protocol_version,
+                    crate::PROTOCOL_VERSION
+                )))
+            }
+        }
+        Some(server_frame::Kind::Error(e)) => Err(ClientError::Wire(e.into())),
+        Some(server_frame::Kind::GoAway(g)) => Err(ClientError::Closed(format!(
+            "server going away during the handshake: {}",
+            g.reason
+        ))),
+        Some(other) => Err(unexpected("HelloOk", other)),
+        None => Err(missing("a recognised kind (expected HelloOk)")),
     }
 }
 
@@ -393,11 +390,11 @@ impl Connection {
     /// The connection is not authenticated yet.
     pub async fn connect(opts: &ConnectOptions) -> Result<(Connection, Events), ClientError> {
         if opts.event_buffer == 0 {
-            return Err(ClientError::Config("event_buffer must be at least 1".into()));
+            return Err(ClientError::Config(
+                "event_buffer must be at least 1".into(),
+            ));
         }
-        if opts.max_frame_bytes < crate::codec::LENGTH_PREFIX_BYTES
-            || opts.max_frame_bytes > u32::MAX as usize
-        {
+        if opts.max_frame_bytes < LENGTH_PREFIX_BYTES || opts.max_frame_bytes > u32::MAX as usize {
             return Err(ClientError::Config(format!(
                 "max_frame_bytes {} is out of range",
                 opts.max_frame_bytes
@@ -537,7 +534,10 @@ impl Connection {
     /// Sends `frame` as is and returns the server's frame answering its `request_id`
     /// (which must be non-zero and not in use), `Error` frames included. For tests of the
     /// protocol itself; applications use [`request`](Self::request).
-    pub async fn request_raw(&self, frame: pb::ClientFrame) -> Result<pb::ServerFrame, ClientError> {
+    pub async fn request_raw(
+        &self,
+        frame: pb::ClientFrame,
+    ) -> Result<pb::ServerFrame, ClientError> {
         let id = frame.request_id;
         if id == 0 {
             return Err(ClientError::Config(
@@ -881,7 +881,8 @@ async fn write_loop(
             return;
         }
         if let Some(done) = close_ack {
-            let _ = tokio::time::timeout(CLOSE_GRACE, SinkExt::<pb::ClientFrame>::close(&mut sink)).await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, SinkExt::<pb::ClientFrame>::close(&mut sink))
+                .await;
             let reason = if done.is_some() {
                 "closed by client"
             } else {
@@ -1034,7 +1035,10 @@ async fn ping_loop(conn: Weak<Inner>, shared: Arc<Shared>, every: Duration, time
             None => return,
         };
         let Ok(rx) = shared.register(id) else { return };
-        let _guard = PendingGuard { shared: &shared, id };
+        let _guard = PendingGuard {
+            shared: &shared,
+            id,
+        };
         let received_before = shared.frames_received.load(Ordering::Relaxed);
         let frame = pb::ClientFrame {
             request_id: id,
@@ -1075,10 +1079,22 @@ mod tests {
 
     #[test]
     fn host_is_taken_from_the_address() {
-        assert_eq!(host_of("chat.example.org:7000").expect("host"), "chat.example.org");
+        assert_eq!(
+            host_of("chat.example.org:7000").expect("host"),
+            "chat.example.org"
+        );
         assert_eq!(host_of("127.0.0.1:1").expect("host"), "127.0.0.1");
         assert_eq!(host_of("[::1]:7000").expect("host"), "::1");
-        for bad in ["", "host", "host:", ":7000", "::1:7000", "[::1]", "[::1]7000", "h:99999"] {
+        for bad in [
+            "",
+            "host",
+            "host:",
+            ":7000",
+            "::1:7000",
+            "[::1]",
+            "[::1]7000",
+            "h:99999",
+        ] {
             assert!(matches!(host_of(bad), Err(ClientError::Config(_))), "{bad}");
         }
     }
@@ -1107,7 +1123,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         opts.server_name = Some("not a name!".into());
-        assert!(matches!(opts.tls_server_name(), Err(ClientError::Config(_))));
+        assert!(matches!(
+            opts.tls_server_name(),
+            Err(ClientError::Config(_))
+        ));
     }
 
     #[test]
@@ -1115,7 +1134,10 @@ mod tests {
         let a = new_client_msg_id();
         let b = new_client_msg_id();
         assert_eq!(a.len(), 32);
-        assert!(a.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
         assert_ne!(a, b);
     }
 

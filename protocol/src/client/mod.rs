@@ -7,7 +7,7 @@
 //!   requests matched to responses by `request_id`, pushes as [`Event`]s, keep-alive pings.
 //! - [`session`]: [`Client`], the resumable session most code uses: login/resume, reconnect
 //!   with backoff, duplicate-free deliveries across reconnects, acks.
-//! - [`error`]: [`ClientError`].
+//! - [`error`]: the one error type, [`ClientError`].
 //!
 //! What this module owns: the client end of the transport, from TCP connect to graceful
 //! close. What it must never do: skip or weaken certificate verification (there is no
@@ -44,9 +44,7 @@ pub mod error;
 pub mod session;
 pub mod tls;
 
-pub use connection::{
-    ConnectOptions, Connection, Event, Events, Recipient, new_client_msg_id,
-};
+pub use connection::{ConnectOptions, Connection, Event, Events, Recipient, new_client_msg_id};
 pub use error::ClientError;
 pub use session::Client;
 pub use tls::{

@@ -14,8 +14,8 @@ use std::time::Duration;
 use rand::Rng;
 use tracing::{debug, trace};
 
-use super::connection::{Connection, ConnectOptions, Event, Events};
 use super::ClientError;
+use super::connection::{ConnectOptions, Connection, Event, Events};
 use crate::pb;
 
 /// First backoff cap of [`Client::reconnect_with_backoff`].

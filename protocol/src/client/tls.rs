@@ -15,10 +15,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
@@ -65,7 +67,9 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], ClientError> {
         let mut out = Vec::with_capacity(64);
         for pair in s.split(':') {
             if pair.len() != 2 {
-                return Err(bad("colon-separated form needs exactly two hex digits per byte"));
+                return Err(bad(
+                    "colon-separated form needs exactly two hex digits per byte",
+                ));
             }
             out.extend_from_slice(pair.as_bytes());
         }
@@ -74,7 +78,10 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], ClientError> {
         s.as_bytes().to_vec()
     };
     if digits.len() != 64 {
-        return Err(bad(&format!("expected 64 hex digits, found {}", digits.len())));
+        return Err(bad(&format!(
+            "expected 64 hex digits, found {}",
+            digits.len()
+        )));
     }
     let mut fp = [0u8; 32];
     for (i, chunk) in digits.chunks_exact(2).enumerate() {
@@ -160,9 +167,9 @@ fn webpki_verifier(
     }
     let mut roots = RootCertStore::empty();
     for cert in certs {
-        roots
-            .add(cert)
-            .map_err(|e| ClientError::Config(format!("unusable CA certificate in {source}: {e}")))?;
+        roots.add(cert).map_err(|e| {
+            ClientError::Config(format!("unusable CA certificate in {source}: {e}"))
+        })?;
     }
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
@@ -219,9 +226,15 @@ impl ServerCertVerifier for PinnedCertVerifier {
     }
 }
 
-#[derive(Debug)]
 struct FingerprintMismatch {
     got: [u8; 32],
+}
+
+// rustls shows the Debug form of an `OtherError` in its messages: make it the readable one.
+impl std::fmt::Debug for FingerprintMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 impl std::fmt::Display for FingerprintMismatch {
@@ -274,7 +287,10 @@ mod tests {
     #[test]
     fn format_and_parse_round_trip() {
         let fp = certificate_fingerprint(b"not really a certificate");
-        assert_eq!(parse_fingerprint(&format_fingerprint(&fp)).expect("parse"), fp);
+        assert_eq!(
+            parse_fingerprint(&format_fingerprint(&fp)).expect("parse"),
+            fp
+        );
     }
 
     #[test]
@@ -306,8 +322,7 @@ mod tests {
 
     #[test]
     fn trust_from_a_pem_builds_a_config_with_alpn() {
-        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
-            .expect("rcgen");
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
         let config = client_config(&Trust::CaPem(key.cert.pem().into_bytes())).expect("config");
         assert_eq!(config.alpn_protocols, vec![crate::ALPN.to_vec()]);
 
