@@ -375,6 +375,10 @@ async fn handshake(
                 )))
             }
         }
+        Some(server_frame::Kind::HelloOk(_)) => Err(ClientError::Protocol(format!(
+            "HelloOk answered request {} instead of the Hello (1)",
+            frame.request_id
+        ))),
         Some(server_frame::Kind::Error(e)) => Err(ClientError::Wire(e.into())),
         Some(server_frame::Kind::GoAway(g)) => Err(ClientError::Closed(format!(
             "server going away during the handshake: {}",
@@ -437,7 +441,8 @@ impl Connection {
         let parts = framed.into_parts();
         let (read_half, write_half) = tokio::io::split(parts.io);
         let mut reader = FramedRead::new(read_half, parts.codec.clone());
-        // Whatever arrived right behind HelloOk is already buffered: keep it.
+        // Whatever arrived right behind HelloOk is already buffered: keep it. (The codec keeps
+        // no partial-frame state between calls, so a fresh copy of it reads on seamlessly.)
         *reader.read_buffer_mut() = parts.read_buf;
         let writer = FramedWrite::new(write_half, parts.codec);
 
@@ -841,7 +846,8 @@ async fn write_loop(
             biased;
             _ = shared.cancel.cancelled() => {
                 // The reader ended or the connection was shut: say goodbye if we still can.
-                let _ = tokio::time::timeout(CLOSE_GRACE, SinkExt::<pb::ClientFrame>::close(&mut sink)).await;
+                let goodbye = SinkExt::<pb::ClientFrame>::close(&mut sink);
+                let _ = tokio::time::timeout(CLOSE_GRACE, goodbye).await;
                 return;
             }
             msg = rx.recv() => msg,
