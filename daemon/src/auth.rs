@@ -84,7 +84,8 @@ impl PasswordHasher {
             None => (self.dummy_hash.as_str().to_owned(), false),
         };
         self.run(move || {
-            let parsed = PasswordHash::new(&phc).map_err(|e| internal(format!("stored hash: {e}")))?;
+            let parsed =
+                PasswordHash::new(&phc).map_err(|e| internal(format!("stored hash: {e}")))?;
             Ok(argon.verify_password(password.as_bytes(), &parsed).is_ok() && real)
         })
         .await
@@ -208,8 +209,18 @@ mod tests {
     async fn a_hash_verifies_only_its_own_password() {
         let hasher = PasswordHasher::new(&Passwords::default()).expect("hasher");
         let hash = hasher.hash("correct horse").await.expect("hash");
-        assert!(hasher.verify("correct horse", Some(&hash)).await.expect("verify"));
-        assert!(!hasher.verify("wrong horse", Some(&hash)).await.expect("verify"));
+        assert!(
+            hasher
+                .verify("correct horse", Some(&hash))
+                .await
+                .expect("verify")
+        );
+        assert!(
+            !hasher
+                .verify("wrong horse", Some(&hash))
+                .await
+                .expect("verify")
+        );
         assert!(!hasher.verify("correct horse", None).await.expect("verify"));
     }
 }

@@ -406,7 +406,10 @@ impl Overrides {
         set(&mut l.max_connections_per_ip, &self.max_connections_per_ip);
         set(&mut l.messages_per_second, &self.messages_per_second);
         set(&mut l.message_burst, &self.message_burst);
-        set(&mut l.login_failures_per_account, &self.login_failures_per_account);
+        set(
+            &mut l.login_failures_per_account,
+            &self.login_failures_per_account,
+        );
         set(&mut l.auth_attempts_per_ip, &self.auth_attempts_per_ip);
         set(&mut l.outbound_queue, &self.outbound_queue);
         let t = &mut c.timeouts;
@@ -434,7 +437,10 @@ mod tests {
         )
         .expect("parse");
         assert_eq!(file.limits.max_body_bytes, 1000);
-        assert_eq!(file.limits.max_history_page, 200, "unset keys keep defaults");
+        assert_eq!(
+            file.limits.max_history_page, 200,
+            "unset keys keep defaults"
+        );
         let mut c = file;
         let o = Overrides {
             listen: Some("127.0.0.1:1".parse().expect("addr")),

@@ -32,7 +32,8 @@ const CATCH_UP_PAGE: usize = 128;
 /// Stores a message, then offers each recipient's inbox entry to their live connections.
 /// Returns after the store has made it durable; pushes never block.
 pub async fn accept(shared: &Shared, message: NewMessage) -> StoreResult<Appended> {
-    let appended = metrics::timed_store("append_message", shared.store.append_message(message)).await?;
+    let appended =
+        metrics::timed_store("append_message", shared.store.append_message(message)).await?;
     if !appended.duplicate {
         metrics::message_accepted();
         for (user, seq) in &appended.entries {

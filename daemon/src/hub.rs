@@ -106,7 +106,10 @@ impl Hub {
         &self.shards[(user.0 as usize) & self.mask]
     }
 
-    fn lock(&self, user: UserId) -> std::sync::MutexGuard<'_, HashMap<UserId, Vec<Arc<ConnHandle>>>> {
+    fn lock(
+        &self,
+        user: UserId,
+    ) -> std::sync::MutexGuard<'_, HashMap<UserId, Vec<Arc<ConnHandle>>>> {
         self.shard(user).lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -126,7 +129,10 @@ impl Hub {
             kicked: CancellationToken::new(),
             kick_reason: Mutex::new(None),
         });
-        self.lock(user).entry(user).or_default().push(handle.clone());
+        self.lock(user)
+            .entry(user)
+            .or_default()
+            .push(handle.clone());
         (handle, rx)
     }
 

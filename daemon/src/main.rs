@@ -44,13 +44,19 @@ async fn run(config: messenger_daemon::Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let db = config.sqlite_path();
     let server = RunningServer::start(config).await?;
-    println!("messengerd listening on {} (TLS, ALPN messenger/1)", server.addr);
+    println!(
+        "messengerd listening on {} (TLS, ALPN messenger/1)",
+        server.addr
+    );
     println!("  admin:       http://{}/metrics", server.admin_addr);
     println!("  store:       {}", db.display());
     println!("  certificate: {}", server.cert_path.display());
     println!("  fingerprint: SHA256 {}", server.fingerprint);
     if let Some(ca) = &server.dev_ca {
-        println!("  dev CA:      {} (development certificate: trust this CA or pin the fingerprint)", ca.display());
+        println!(
+            "  dev CA:      {} (development certificate: trust this CA or pin the fingerprint)",
+            ca.display()
+        );
     }
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;

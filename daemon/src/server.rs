@@ -68,15 +68,19 @@ impl RunningServer {
     }
 
     /// As [`start`](Self::start), on a store the caller opened.
-    pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> Result<Self, StartError> {
+    pub async fn start_with_store(
+        config: Config,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, StartError> {
         metrics::install();
         let tls = Arc::new(Tls::load(&config)?);
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -95,7 +99,11 @@ impl RunningServer {
             shutdown.clone(),
             sessions.clone(),
         ));
-        let admin_task = tokio::spawn(admin::serve(admin_listener, shared.clone(), shutdown.clone()));
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            shared.clone(),
+            shutdown.clone(),
+        ));
         info!(%addr, %admin_addr, "listening");
         Ok(Self {
             addr,
@@ -125,7 +133,10 @@ impl RunningServer {
         let _ = self.accept_task.await;
         self.sessions.close();
         let drain = self.shared.config.timeouts.shutdown_drain() + Duration::from_secs(1);
-        if tokio::time::timeout(drain, self.sessions.wait()).await.is_err() {
+        if tokio::time::timeout(drain, self.sessions.wait())
+            .await
+            .is_err()
+        {
             warn!("some connections did not drain in time");
         }
         let _ = self.admin_task.await;

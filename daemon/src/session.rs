@@ -198,8 +198,11 @@ impl Session {
         true
     }
 
-    async fn serve<R>(&mut self, frames: &mut FramedRead<R, ServerCodec>, shutdown: &CancellationToken)
-    where
+    async fn serve<R>(
+        &mut self,
+        frames: &mut FramedRead<R, ServerCodec>,
+        shutdown: &CancellationToken,
+    ) where
         R: AsyncRead + Unpin,
     {
         let timeouts = self.shared.config.timeouts.clone();
@@ -270,7 +273,14 @@ impl Session {
             match result {
                 Ok((resp, After::Continue)) => self.respond(request_id, Ok(resp)).await,
                 Ok((_, After::NoReply)) => {}
-                Ok((resp, After::SignIn { user, device, acked })) => {
+                Ok((
+                    resp,
+                    After::SignIn {
+                        user,
+                        device,
+                        acked,
+                    },
+                )) => {
                     self.respond(request_id, Ok(resp)).await;
                     self.sign_in(user, device, acked);
                 }
@@ -317,9 +327,11 @@ impl Session {
                     Req::ListGroups(_) => self.list_groups().await,
                     Req::GetGroup(r) => self.get_group(r).await,
                     Req::GetHistory(r) => self.history(r).await,
-                    Req::Ping(_) | Req::Hello(_) | Req::Register(_) | Req::Login(_) | Req::Resume(_) => {
-                        unreachable_request()
-                    }
+                    Req::Ping(_)
+                    | Req::Hello(_)
+                    | Req::Register(_)
+                    | Req::Login(_)
+                    | Req::Resume(_) => unreachable_request(),
                 }
             }
         }
@@ -439,7 +451,10 @@ pub fn shutdown_go_away() -> pb::GoAway {
 }
 
 fn unreachable_request() -> Handled {
-    Err(WireError::new(ErrorCode::Internal, "request routed wrongly"))
+    Err(WireError::new(
+        ErrorCode::Internal,
+        "request routed wrongly",
+    ))
 }
 
 /// How long a rate-limited client should wait, for the error's `retry_after_ms`.

@@ -56,7 +56,10 @@ pub async fn run<W>(
                 return;
             }
             Err(_) => {
-                warn!(stall_secs = stall.as_secs(), "peer stopped reading; closing");
+                warn!(
+                    stall_secs = stall.as_secs(),
+                    "peer stopped reading; closing"
+                );
                 metrics::stall_disconnect();
                 closing.cancel();
                 return;

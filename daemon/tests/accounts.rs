@@ -18,7 +18,10 @@ async fn register_login_and_resume_keep_one_identity() {
 
     let mut again = ts.client().await;
     let resumed = again.resume(&auth.session_token).await.expect("resume");
-    assert_eq!(resumed.device_id, auth.device_id, "resume continues the same device");
+    assert_eq!(
+        resumed.device_id, auth.device_id,
+        "resume continues the same device"
+    );
     assert_eq!(resumed.user.map(|u| u.username), Some("alice".to_string()));
     ts.stop().await;
 }
@@ -38,7 +41,11 @@ async fn usernames_are_unique_case_insensitively_and_validated() {
         let err = c.conn().register(bad, PASSWORD, "").await.expect_err(bad);
         assert_eq!(code(&err), Some(ErrorCode::InvalidArgument), "{bad:?}");
     }
-    let err = c.conn().register("bob", "short", "").await.expect_err("short password");
+    let err = c
+        .conn()
+        .register("bob", "short", "")
+        .await
+        .expect_err("short password");
     assert_eq!(code(&err), Some(ErrorCode::InvalidArgument));
     let err = c
         .conn()
@@ -47,7 +54,10 @@ async fn usernames_are_unique_case_insensitively_and_validated() {
         .expect_err("control char in display name");
     assert_eq!(code(&err), Some(ErrorCode::InvalidArgument));
     // The failures created nothing: bob is still free.
-    c.conn().register("bob", PASSWORD, "").await.expect("bob is free");
+    c.conn()
+        .register("bob", PASSWORD, "")
+        .await
+        .expect("bob is free");
     ts.stop().await;
 }
 
@@ -56,7 +66,10 @@ async fn wrong_password_and_unknown_user_are_the_same_refusal() {
     let ts = TestServer::start().await;
     let _ = ts.user("alice").await;
     let mut c = ts.client().await;
-    let wrong = c.login("alice", "not the password", "d").await.expect_err("wrong");
+    let wrong = c
+        .login("alice", "not the password", "d")
+        .await
+        .expect_err("wrong");
     let unknown = c.login("nobody", PASSWORD, "d").await.expect_err("unknown");
     assert_eq!(code(&wrong), Some(ErrorCode::Unauthenticated));
     assert_eq!(code(&unknown), Some(ErrorCode::Unauthenticated));
@@ -73,7 +86,10 @@ async fn repeated_failed_logins_are_rate_limited_per_account() {
     let _ = ts.user("alice").await;
     let mut c = ts.client().await;
     for _ in 0..3 {
-        let e = c.login("alice", "wrong password", "d").await.expect_err("wrong");
+        let e = c
+            .login("alice", "wrong password", "d")
+            .await
+            .expect_err("wrong");
         assert_eq!(code(&e), Some(ErrorCode::Unauthenticated));
     }
     let e = c.login("alice", PASSWORD, "d").await.expect_err("locked");
@@ -92,16 +108,28 @@ async fn display_name_changes_show_on_new_messages() {
     let ts = TestServer::start().await;
     let (alice, _) = ts.user("alice").await;
     let (mut bob, bob_user) = ts.user("bob").await;
-    alice.conn().update_profile("Alice Liddell").await.expect("update");
+    alice
+        .conn()
+        .update_profile("Alice Liddell")
+        .await
+        .expect("update");
     alice
         .conn()
         .send_text(Recipient::User(bob_user.user_id), "hello")
         .await
         .expect("send");
     let d = common::deliveries(&mut bob, 1).await;
-    let sender = d[0].message.as_ref().and_then(|m| m.sender.clone()).expect("sender");
+    let sender = d[0]
+        .message
+        .as_ref()
+        .and_then(|m| m.sender.clone())
+        .expect("sender");
     assert_eq!(sender.display_name, "Alice Liddell");
-    let looked_up = bob.conn().lookup_user_by_name("ALICE").await.expect("lookup");
+    let looked_up = bob
+        .conn()
+        .lookup_user_by_name("ALICE")
+        .await
+        .expect("lookup");
     assert_eq!(looked_up.display_name, "Alice Liddell");
     let err = alice.conn().update_profile("   ").await.expect_err("empty");
     assert_eq!(code(&err), Some(ErrorCode::InvalidArgument));
@@ -137,11 +165,17 @@ async fn changing_the_password_revokes_other_sessions_only() {
     let mut c = ts.client().await;
     let e = c.resume(&laptop_token).await.expect_err("revoked token");
     assert_eq!(code(&e), Some(ErrorCode::Unauthenticated));
-    alice.conn().list_groups().await.expect("current session still valid");
+    alice
+        .conn()
+        .list_groups()
+        .await
+        .expect("current session still valid");
     // Old password fails, new one works.
     let mut c = ts.client().await;
     assert!(c.login("alice", PASSWORD, "x").await.is_err());
-    c.login("alice", "a new password", "x").await.expect("new password");
+    c.login("alice", "a new password", "x")
+        .await
+        .expect("new password");
     ts.stop().await;
 }
 
@@ -187,11 +221,18 @@ async fn deleting_an_account_needs_the_password_and_frees_the_username() {
         .expect("group");
     alice
         .conn()
-        .send_text(Recipient::User(bob.user().expect("bob").user_id), "before deletion")
+        .send_text(
+            Recipient::User(bob.user().expect("bob").user_id),
+            "before deletion",
+        )
         .await
         .expect("send");
 
-    let err = alice.conn().delete_account("wrong").await.expect_err("wrong password");
+    let err = alice
+        .conn()
+        .delete_account("wrong")
+        .await
+        .expect_err("wrong password");
     assert_eq!(code(&err), Some(ErrorCode::Unauthenticated));
     alice.conn().delete_account(PASSWORD).await.expect("delete");
 
@@ -223,7 +264,10 @@ async fn deleting_an_account_needs_the_password_and_frees_the_username() {
     assert_eq!(page.messages.len(), 1);
     // The name is free again, for a new account with a new id.
     let fresh = Client::connect(ts.options()).await.expect("connect");
-    let new_alice = fresh.register("alice", PASSWORD, "").await.expect("re-register");
+    let new_alice = fresh
+        .register("alice", PASSWORD, "")
+        .await
+        .expect("re-register");
     assert_ne!(new_alice.user_id, alice_user.user_id);
     ts.stop().await;
 }

@@ -6,11 +6,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{TestServer, deliveries, text};
-use messenger_protocol::client::{Client, Connection, ConnectOptions, Event, Recipient};
+use messenger_protocol::client::{Client, ConnectOptions, Connection, Event, Recipient};
 use messenger_protocol::pb;
 
 /// Reads raw events (no SDK de-duplication) from one connection.
-async fn raw_delivery(events: &mut messenger_protocol::client::Events, wait: Duration) -> Option<pb::Delivery> {
+async fn raw_delivery(
+    events: &mut messenger_protocol::client::Events,
+    wait: Duration,
+) -> Option<pb::Delivery> {
     match tokio::time::timeout(wait, events.recv()).await {
         Ok(Some(Event::Delivery(d))) => Some(d),
         _ => None,
@@ -35,7 +38,7 @@ async fn messages_sent_while_a_client_resumes_arrive_with_no_gap_and_no_duplicat
                 .send_text(Recipient::User(bob_user.user_id), &format!("{i}"))
                 .await
                 .expect("send");
-            if i % 50 == 0 {
+            if i.is_multiple_of(50) {
                 tokio::task::yield_now().await;
             }
         }
@@ -63,16 +66,22 @@ async fn messages_sent_while_a_client_resumes_arrive_with_no_gap_and_no_duplicat
             }
             prev_on_conn = Some(d.seq);
             if d.seq > last_processed {
-                assert_eq!(d.seq, last_processed + 1, "a seq was skipped across the seam");
+                assert_eq!(
+                    d.seq,
+                    last_processed + 1,
+                    "a seq was skipped across the seam"
+                );
                 last_processed = d.seq;
                 // The sender's own copies are in alice's inbox, so every entry is alice's.
                 processed.push(text(&d));
             }
         }
         // Acknowledge only sometimes, so some resumes replay what was already seen.
-        if iteration % 3 != 0 && last_processed > 0 {
+        if !iteration.is_multiple_of(3) && last_processed > 0 {
             conn.ack(last_processed).await.expect("ack");
-            conn.ping().await.expect("ack applied before the next resume");
+            conn.ping()
+                .await
+                .expect("ack applied before the next resume");
         }
         conn.close().await;
     }
@@ -112,7 +121,9 @@ async fn a_consumer_that_stops_reading_neither_grows_memory_nor_loses_messages()
     let mut opts: ConnectOptions = ts.options();
     opts.event_buffer = 4;
     let mut bob = Client::connect(opts).await.expect("connect");
-    bob.login("bob", common::PASSWORD, "slow").await.expect("login");
+    bob.login("bob", common::PASSWORD, "slow")
+        .await
+        .expect("login");
 
     let before = rss_bytes();
     let body = bytes::Bytes::from(vec![b'x'; BODY]);
@@ -140,13 +151,21 @@ async fn a_consumer_that_stops_reading_neither_grows_memory_nor_loses_messages()
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    assert!(queue_full >= 1.0, "the slow connection left live delivery:\n{metrics}");
+    assert!(
+        queue_full >= 1.0,
+        "the slow connection left live delivery:\n{metrics}"
+    );
 
     // Reading again: everything arrives, in order, once.
     let got = deliveries(&mut bob, MESSAGES).await;
     let ids: Vec<String> = got
         .iter()
-        .map(|d| d.message.as_ref().map(|m| m.client_msg_id.clone()).unwrap_or_default())
+        .map(|d| {
+            d.message
+                .as_ref()
+                .map(|m| m.client_msg_id.clone())
+                .unwrap_or_default()
+        })
         .collect();
     let want: Vec<String> = (0..MESSAGES).map(|i| format!("m{i}")).collect();
     assert_eq!(ids, want);
@@ -166,7 +185,10 @@ async fn messages_accepted_before_a_restart_are_delivered_after_it() {
     for i in 0..10 {
         let s = alice
             .conn()
-            .send_text(Recipient::User(bob_user.user_id), &format!("before restart {i}"))
+            .send_text(
+                Recipient::User(bob_user.user_id),
+                &format!("before restart {i}"),
+            )
             .await
             .expect("send");
         sent.insert(s.message_id, i);
@@ -174,7 +196,9 @@ async fn messages_accepted_before_a_restart_are_delivered_after_it() {
     drop(alice);
     ts.restart().await;
     let mut bob = ts.client().await;
-    bob.resume(&token).await.expect("the session survives the restart");
+    bob.resume(&token)
+        .await
+        .expect("the session survives the restart");
     let got = deliveries(&mut bob, 10).await;
     for (i, d) in got.iter().enumerate() {
         assert_eq!(text(d), format!("before restart {i}"));
@@ -195,8 +219,14 @@ async fn shutdown_sends_go_away_with_a_jittered_reconnect_delay() {
             other => panic!("expected GoAway, got {other:?}"),
         }
     };
-    assert!((1_000..5_000).contains(&go_away.reconnect_after_ms), "{go_away:?}");
-    assert_eq!(go_away.code, messenger_protocol::ErrorCode::Unavailable as i32);
+    assert!(
+        (1_000..5_000).contains(&go_away.reconnect_after_ms),
+        "{go_away:?}"
+    );
+    assert_eq!(
+        go_away.code,
+        messenger_protocol::ErrorCode::Unavailable as i32
+    );
     stop.await.expect("stopped");
 }
 
@@ -232,9 +262,19 @@ async fn sigterm_sends_go_away_and_a_restarted_daemon_keeps_every_message() {
 
     let (child, addr) = spawn();
     let mut alice = Client::connect(options(&addr)).await.expect("connect");
-    alice.register("alice", common::PASSWORD, "").await.expect("register");
-    alice.login("alice", common::PASSWORD, "d").await.expect("login");
-    let bob_reg = alice.conn().register("bob", common::PASSWORD, "").await.expect("register bob");
+    alice
+        .register("alice", common::PASSWORD, "")
+        .await
+        .expect("register");
+    alice
+        .login("alice", common::PASSWORD, "d")
+        .await
+        .expect("login");
+    let bob_reg = alice
+        .conn()
+        .register("bob", common::PASSWORD, "")
+        .await
+        .expect("register bob");
     for i in 0..5 {
         alice
             .conn()
@@ -264,7 +304,9 @@ async fn sigterm_sends_go_away_and_a_restarted_daemon_keeps_every_message() {
 
     let (mut child, addr) = spawn();
     let mut bob = Client::connect(options(&addr)).await.expect("connect");
-    bob.login("bob", common::PASSWORD, "d").await.expect("login");
+    bob.login("bob", common::PASSWORD, "d")
+        .await
+        .expect("login");
     let got = deliveries(&mut bob, 5).await;
     let texts: Vec<String> = got.iter().map(text).collect();
     assert_eq!(texts, ["0", "1", "2", "3", "4"]);

@@ -61,10 +61,13 @@ impl Raw {
     }
 
     async fn hello(&mut self) {
-        self.send(&frame(1, Req::Hello(pb::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            client: "raw-test".into(),
-        })))
+        self.send(&frame(
+            1,
+            Req::Hello(pb::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                client: "raw-test".into(),
+            }),
+        ))
         .await;
         match self.recv().await {
             Some(f) => assert!(matches!(f.kind, Some(Resp::HelloOk(_))), "{f:?}"),
@@ -76,7 +79,8 @@ impl Raw {
     async fn recv(&mut self) -> Option<pb::ServerFrame> {
         loop {
             if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
                 if self.buf.len() >= 4 + len {
                     let _ = self.buf.split_to(4);
                     let body = self.buf.split_to(len);
@@ -174,7 +178,10 @@ async fn random_bytes_are_refused_without_harm() {
             // Junk may happen to decode as a valid frame; anything else must be a typed error.
             if let Some(code) = error_code(&f) {
                 assert!(
-                    matches!(code, ErrorCode::InvalidArgument | ErrorCode::Unauthenticated),
+                    matches!(
+                        code,
+                        ErrorCode::InvalidArgument | ErrorCode::Unauthenticated
+                    ),
                     "{code:?}"
                 );
             }
@@ -211,8 +218,17 @@ async fn unknown_fields_are_ignored_and_cannot_spoof_the_sender() {
 
     let mut raw = Raw::connect(&ts).await;
     raw.hello().await;
-    raw.send(&frame(2, Req::Resume(pb::Resume { session_token: token }))).await;
-    assert!(matches!(raw.recv().await.and_then(|f| f.kind), Some(Resp::Authenticated(_))));
+    raw.send(&frame(
+        2,
+        Req::Resume(pb::Resume {
+            session_token: token,
+        }),
+    ))
+    .await;
+    assert!(matches!(
+        raw.recv().await.and_then(|f| f.kind),
+        Some(Resp::Authenticated(_))
+    ));
 
     // A SendMessage followed by fields the schema does not have: field 99 (a User claiming to
     // be alice) inside SendMessage and field 500 in the frame itself.
@@ -229,12 +245,20 @@ async fn unknown_fields_are_ignored_and_cannot_spoof_the_sender() {
         display_name: "alice display".into(),
     }
     .encode_to_vec();
-    prost::encoding::encode_key(99, prost::encoding::WireType::LengthDelimited, &mut send_bytes);
+    prost::encoding::encode_key(
+        99,
+        prost::encoding::WireType::LengthDelimited,
+        &mut send_bytes,
+    );
     prost::encoding::encode_varint(fake_sender.len() as u64, &mut send_bytes);
     send_bytes.extend_from_slice(&fake_sender);
     let mut frame_bytes = Vec::new();
     prost::encoding::uint64::encode(1, &3u64, &mut frame_bytes);
-    prost::encoding::encode_key(11, prost::encoding::WireType::LengthDelimited, &mut frame_bytes);
+    prost::encoding::encode_key(
+        11,
+        prost::encoding::WireType::LengthDelimited,
+        &mut frame_bytes,
+    );
     prost::encoding::encode_varint(send_bytes.len() as u64, &mut frame_bytes);
     frame_bytes.extend_from_slice(&send_bytes);
     prost::encoding::uint64::encode(500, &12345u64, &mut frame_bytes);
@@ -250,8 +274,15 @@ async fn unknown_fields_are_ignored_and_cannot_spoof_the_sender() {
         }
     }
     let d = deliveries(&mut bob, 1).await;
-    let sender = d[0].message.as_ref().and_then(|m| m.sender.clone()).expect("sender");
-    assert_eq!(sender.user_id, mallory_user.user_id, "the server stamps the real sender");
+    let sender = d[0]
+        .message
+        .as_ref()
+        .and_then(|m| m.sender.clone())
+        .expect("sender");
+    assert_eq!(
+        sender.user_id, mallory_user.user_id,
+        "the server stamps the real sender"
+    );
     assert_eq!(sender.username, "mallory");
     ts.stop().await;
 }
@@ -266,10 +297,13 @@ async fn the_first_frame_must_be_a_supported_hello() {
     assert!(raw.closed().await);
 
     let mut raw = Raw::connect(&ts).await;
-    raw.send(&frame(1, Req::Hello(pb::Hello {
-        protocol_version: 99,
-        client: "future".into(),
-    })))
+    raw.send(&frame(
+        1,
+        Req::Hello(pb::Hello {
+            protocol_version: 99,
+            client: "future".into(),
+        }),
+    ))
     .await;
     let f = raw.recv().await.expect("error");
     assert_eq!(error_code(&f), Some(ErrorCode::UnsupportedVersion));
@@ -283,7 +317,11 @@ async fn a_frame_without_a_request_is_an_error_but_the_connection_lives() {
     let ts = TestServer::start().await;
     let mut raw = Raw::connect(&ts).await;
     raw.hello().await;
-    raw.send(&pb::ClientFrame { request_id: 7, kind: None }).await;
+    raw.send(&pb::ClientFrame {
+        request_id: 7,
+        kind: None,
+    })
+    .await;
     let f = raw.recv().await.expect("error");
     assert_eq!(f.request_id, 7);
     assert_eq!(error_code(&f), Some(ErrorCode::InvalidArgument));
@@ -291,7 +329,8 @@ async fn a_frame_without_a_request_is_an_error_but_the_connection_lives() {
     let f = raw.recv().await.expect("pong");
     assert!(matches!(f.kind, Some(Resp::Pong(_))));
     // Requests that need a session are refused, not crashed on.
-    raw.send(&frame(9, Req::ListGroups(pb::ListGroups {}))).await;
+    raw.send(&frame(9, Req::ListGroups(pb::ListGroups {})))
+        .await;
     let f = raw.recv().await.expect("error");
     assert_eq!(error_code(&f), Some(ErrorCode::Unauthenticated));
     ts.stop().await;
@@ -301,10 +340,13 @@ async fn a_frame_without_a_request_is_an_error_but_the_connection_lives() {
 async fn a_connection_without_the_messenger_alpn_is_closed() {
     let ts = TestServer::start().await;
     let mut raw = Raw::connect_with(&ts, None).await;
-    raw.send(&frame(1, Req::Hello(pb::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        client: "no-alpn".into(),
-    })))
+    raw.send(&frame(
+        1,
+        Req::Hello(pb::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client: "no-alpn".into(),
+        }),
+    ))
     .await;
     assert!(raw.recv().await.is_none(), "no HelloOk without ALPN");
     ts.stop().await;

@@ -39,7 +39,10 @@ async fn a_direct_message_reaches_an_online_user_stamped_with_the_sender() {
     assert_eq!(sender.display_name, "alice display");
     // The sender's own inbox has it too (for their other devices).
     let own = deliveries(&mut alice, 1).await;
-    assert_eq!(own[0].message.as_ref().map(|m| m.message_id), Some(sent.message_id));
+    assert_eq!(
+        own[0].message.as_ref().map(|m| m.message_id),
+        Some(sent.message_id)
+    );
     ts.stop().await;
 }
 
@@ -62,7 +65,10 @@ async fn an_offline_user_gets_messages_in_order_after_login() {
     let texts: Vec<String> = got.iter().map(text).collect();
     let want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
     assert_eq!(texts, want);
-    assert!(got.windows(2).all(|w| w[1].seq == w[0].seq + 1), "gap-free seqs");
+    assert!(
+        got.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+        "gap-free seqs"
+    );
     assert_quiet(&mut bob).await;
     ts.stop().await;
 }
@@ -116,14 +122,17 @@ async fn group_messages_reach_online_and_offline_members_and_refuse_outsiders() 
     let got = deliveries(&mut bob, 1).await;
     assert_eq!(text(&got[0]), "hello group");
     assert_eq!(
-        got[0].message.as_ref().and_then(|m| m.to.clone()),
+        got[0].message.as_ref().and_then(|m| m.to),
         Some(pb::message::To::GroupId(group.group_id))
     );
     deliveries(&mut alice, 1).await;
 
     let mut carol = ts.device("carol", "later").await;
     let got = deliveries(&mut carol, 1).await;
-    assert_eq!(got[0].message.as_ref().map(|m| m.message_id), Some(sent.message_id));
+    assert_eq!(
+        got[0].message.as_ref().map(|m| m.message_id),
+        Some(sent.message_id)
+    );
 
     // Not a member: refused, and nothing reaches the members.
     let err = mallory
@@ -138,7 +147,11 @@ async fn group_messages_reach_online_and_offline_members_and_refuse_outsiders() 
         .await
         .expect_err("non-member history");
     assert_eq!(code(&err), Some(ErrorCode::PermissionDenied));
-    let err = mallory.conn().get_group(group.group_id).await.expect_err("info");
+    let err = mallory
+        .conn()
+        .get_group(group.group_id)
+        .await
+        .expect_err("info");
     assert_eq!(code(&err), Some(ErrorCode::PermissionDenied));
     assert_quiet(&mut bob).await;
     ts.stop().await;
@@ -245,8 +258,14 @@ async fn two_devices_of_one_user_both_receive_and_see_what_the_other_sent() {
         .send_text(Recipient::User(alice_id), "to both devices")
         .await
         .expect("send");
-    assert_eq!(text(&deliveries(&mut alice_laptop, 1).await[0]), "to both devices");
-    assert_eq!(text(&deliveries(&mut alice_phone, 1).await[0]), "to both devices");
+    assert_eq!(
+        text(&deliveries(&mut alice_laptop, 1).await[0]),
+        "to both devices"
+    );
+    assert_eq!(
+        text(&deliveries(&mut alice_phone, 1).await[0]),
+        "to both devices"
+    );
     deliveries(&mut bob, 1).await;
 
     alice_laptop
@@ -287,7 +306,11 @@ async fn history_pages_backwards_through_a_conversation() {
             .await
             .expect("page");
         assert!(page.messages.len() <= 10);
-        seen.extend(page.messages.iter().map(|m| String::from_utf8_lossy(&m.body).into_owned()));
+        seen.extend(
+            page.messages
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.body).into_owned()),
+        );
         match page.messages.last() {
             Some(last) if page.has_more => before = last.message_id,
             _ => break,
@@ -312,10 +335,15 @@ async fn bad_sends_are_refused_and_change_nothing() {
     let cases: Vec<(&str, Result<pb::Sent, _>, ErrorCode)> = vec![
         (
             "too large",
-            c.send_message(to, "a", Bytes::from(vec![b'x'; 1001]), "").await,
+            c.send_message(to, "a", Bytes::from(vec![b'x'; 1001]), "")
+                .await,
             ErrorCode::TooLarge,
         ),
-        ("empty body", c.send_message(to, "b", Bytes::new(), "").await, ErrorCode::InvalidArgument),
+        (
+            "empty body",
+            c.send_message(to, "b", Bytes::new(), "").await,
+            ErrorCode::InvalidArgument,
+        ),
         (
             "no client_msg_id",
             c.send_message(to, "", Bytes::from_static(b"x"), "").await,
@@ -323,12 +351,14 @@ async fn bad_sends_are_refused_and_change_nothing() {
         ),
         (
             "unknown user",
-            c.send_message(Recipient::User(424_242), "c", Bytes::from_static(b"x"), "").await,
+            c.send_message(Recipient::User(424_242), "c", Bytes::from_static(b"x"), "")
+                .await,
             ErrorCode::NotFound,
         ),
         (
             "unknown group",
-            c.send_message(Recipient::Group(424_242), "d", Bytes::from_static(b"x"), "").await,
+            c.send_message(Recipient::Group(424_242), "d", Bytes::from_static(b"x"), "")
+                .await,
             ErrorCode::NotFound,
         ),
     ];

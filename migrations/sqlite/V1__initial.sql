@@ -15,6 +15,10 @@ CREATE TABLE users (
     -- Highest inbox seq handed out to this user. Bumped inside the append transaction, so seq
     -- order is commit order and a cursor never skips a late-committing entry.
     last_seq      INTEGER NOT NULL DEFAULT 0,
+    -- Highest seq any device of the user acknowledged. A new device (a fresh login) starts its
+    -- cursor here: it receives what no device has seen yet, and reads older messages through
+    -- history instead of replaying the whole inbox.
+    acked_seq     INTEGER NOT NULL DEFAULT 0,
     created_at    INTEGER NOT NULL
 );
 

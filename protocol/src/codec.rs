@@ -164,7 +164,11 @@ mod tests {
         client.encode(ping(300), &mut full).expect("encode");
         for cut in 0..full.len() {
             let mut part = BytesMut::from(&full[..cut]);
-            assert_eq!(server.decode(&mut part).expect("decode"), None, "cut at {cut}");
+            assert_eq!(
+                server.decode(&mut part).expect("decode"),
+                None,
+                "cut at {cut}"
+            );
         }
     }
 
@@ -200,7 +204,10 @@ mod tests {
     fn garbage_is_a_decode_error_not_a_panic() {
         let mut server = ServerCodec::new(1024);
         let mut buf = BytesMut::from(&[0u8, 0, 0, 3, 0xff, 0xff, 0xff][..]);
-        assert!(matches!(server.decode(&mut buf), Err(CodecError::Decode(_))));
+        assert!(matches!(
+            server.decode(&mut buf),
+            Err(CodecError::Decode(_))
+        ));
     }
 
     proptest::proptest! {

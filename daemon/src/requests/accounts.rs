@@ -21,7 +21,12 @@ impl Session {
         self.shared
             .auth_per_ip
             .hit(&self.peer.ip())
-            .map_err(|wait| rate_limited("too many login or register attempts from this address", wait))
+            .map_err(|wait| {
+                rate_limited(
+                    "too many login or register attempts from this address",
+                    wait,
+                )
+            })
     }
 
     fn session_ttl_ms(&self) -> i64 {
@@ -38,8 +43,17 @@ impl Session {
             auth::display_name(&r.display_name)?
         };
         // Cheap early answer for a taken name, before spending a hash on it.
-        if self.shared.store.account_by_username(&username_key).await?.is_some() {
-            return Err(WireError::new(ErrorCode::AlreadyExists, "username is taken"));
+        if self
+            .shared
+            .store
+            .account_by_username(&username_key)
+            .await?
+            .is_some()
+        {
+            return Err(WireError::new(
+                ErrorCode::AlreadyExists,
+                "username is taken",
+            ));
         }
         let password_hash = self.shared.passwords.hash(&r.password).await?;
         let user = self
@@ -85,7 +99,10 @@ impl Session {
         let valid = self
             .shared
             .passwords
-            .verify(&r.password, account.as_ref().map(|a| a.password_hash.as_str()))
+            .verify(
+                &r.password,
+                account.as_ref().map(|a| a.password_hash.as_str()),
+            )
             .await?;
         let Some(account) = account.filter(|_| valid) else {
             self.shared.login_failures.record(&key);
@@ -154,7 +171,11 @@ impl Session {
     pub(crate) async fn update_profile(&mut self, r: pb::UpdateProfile) -> Handled {
         let name = auth::display_name(&r.display_name)?;
         let user_id = self.authed()?.user.id;
-        let user = self.shared.store.update_display_name(user_id, &name).await?;
+        let user = self
+            .shared
+            .store
+            .update_display_name(user_id, &name)
+            .await?;
         if let Some(a) = self.auth.as_mut() {
             a.user = user;
         }
@@ -174,7 +195,9 @@ impl Session {
             .store
             .account_by_id(me.id)
             .await?
-            .ok_or_else(|| WireError::new(ErrorCode::Unauthenticated, "account no longer exists"))?;
+            .ok_or_else(|| {
+                WireError::new(ErrorCode::Unauthenticated, "account no longer exists")
+            })?;
         if password.len() > auth::MAX_PASSWORD_BYTES
             || !self
                 .shared
@@ -184,7 +207,10 @@ impl Session {
         {
             self.shared.login_failures.record(&key);
             metrics::auth_failure();
-            return Err(WireError::new(ErrorCode::Unauthenticated, "password is wrong"));
+            return Err(WireError::new(
+                ErrorCode::Unauthenticated,
+                "password is wrong",
+            ));
         }
         Ok(())
     }
@@ -197,7 +223,11 @@ impl Session {
             (a.user.id, a.device)
         };
         let hash = self.shared.passwords.hash(&r.new_password).await?;
-        let revoked = self.shared.store.change_password(user, &hash, device).await?;
+        let revoked = self
+            .shared
+            .store
+            .change_password(user, &hash, device)
+            .await?;
         self.shared.hub.kick(
             user,
             Some(&revoked),

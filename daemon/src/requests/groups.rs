@@ -1,7 +1,7 @@
 //! Groups: create, add and remove members (admins), leave, list, info.
 
-use messenger_protocol::pb::{self, server_frame::Kind as Resp};
 use messenger_protocol::WireError;
+use messenger_protocol::pb::{self, server_frame::Kind as Resp};
 
 use super::{invalid, short_name};
 use crate::model::{GroupId, UserId, now_millis};
@@ -60,7 +60,10 @@ impl Session {
 
     pub(crate) async fn leave_group(&mut self, r: pb::LeaveGroup) -> Handled {
         let me = self.authed()?.user.id;
-        self.shared.store.leave_group(me, GroupId(r.group_id)).await?;
+        self.shared
+            .store
+            .leave_group(me, GroupId(r.group_id))
+            .await?;
         ok(Resp::Ok(pb::Ok {}))
     }
 

@@ -6,7 +6,9 @@ use messenger_protocol::{ErrorCode, WireError};
 use super::invalid;
 use crate::auth;
 use crate::delivery;
-use crate::model::{Conversation, GroupId, MessageId, NewMessage, Recipient, Seq, UserId, now_millis};
+use crate::model::{
+    Conversation, GroupId, MessageId, NewMessage, Recipient, Seq, UserId, now_millis,
+};
 use crate::session::{After, Handled, Session, ok, rate_limited};
 
 pub const CLIENT_MSG_ID_MAX: usize = 64;
@@ -21,7 +23,9 @@ impl Session {
                     .map_err(|_| WireError::new(ErrorCode::NotFound, "no such user"))?;
                 self.shared.store.account_by_username(&key).await?
             }
-            Some(pb::lookup_user::By::UserId(id)) => self.shared.store.account_by_id(UserId(id)).await?,
+            Some(pb::lookup_user::By::UserId(id)) => {
+                self.shared.store.account_by_id(UserId(id)).await?
+            }
             None => return Err(invalid("lookup needs a username or a user_id")),
         };
         let account = account.ok_or_else(|| WireError::new(ErrorCode::NotFound, "no such user"))?;
@@ -44,7 +48,10 @@ impl Session {
         if r.body.len() > max_body {
             let mut e = WireError::new(
                 ErrorCode::TooLarge,
-                format!("body of {} bytes exceeds the limit of {max_body} bytes", r.body.len()),
+                format!(
+                    "body of {} bytes exceeds the limit of {max_body} bytes",
+                    r.body.len()
+                ),
             );
             e.retry_after_ms = 0;
             return Err(e);
@@ -95,7 +102,11 @@ impl Session {
         let conversation = match r.conversation {
             Some(pb::get_history::Conversation::UserId(u)) => Conversation::Direct(UserId(u)),
             Some(pb::get_history::Conversation::GroupId(g)) => Conversation::Group(GroupId(g)),
-            None => return Err(invalid("history needs a conversation (user_id or group_id)")),
+            None => {
+                return Err(invalid(
+                    "history needs a conversation (user_id or group_id)",
+                ));
+            }
         };
         let cap = self.shared.config.limits.max_history_page;
         let limit = match r.limit as usize {

@@ -20,7 +20,9 @@ pub(crate) fn short_name(what: &str, value: &str, max: usize) -> Result<String, 
         return Err(invalid(format!("{what} must be 1 to {max} characters")));
     }
     if value.chars().any(char::is_control) {
-        return Err(invalid(format!("{what} must not contain control characters")));
+        return Err(invalid(format!(
+            "{what} must not contain control characters"
+        )));
     }
     Ok(value.to_owned())
 }

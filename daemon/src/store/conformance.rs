@@ -394,6 +394,18 @@ pub(crate) async fn acks_only_move_forward_and_stop_at_the_head(store: &dyn Stor
     store.ack(session.device, Seq(u64::MAX)).await.unwrap();
     assert_eq!(acked().await, Seq(3));
 
+    // A new device starts where the user's devices got to, not at the start of the inbox.
+    let second = login(store, &alice, 2).await;
+    assert_eq!(second.acked, Seq(3));
+    dm(store, &bob, &alice, "m3").await;
+    store.ack(second.device, Seq(4)).await.unwrap();
+    assert_eq!(login(store, &alice, 3).await.acked, Seq(4));
+    assert_eq!(
+        acked().await,
+        Seq(3),
+        "other devices keep their own cursors"
+    );
+
     // A session revoked meanwhile is not an error for the acking connection.
     store.ack(MISSING_DEVICE, Seq(1)).await.unwrap();
     store.delete_session(session.device).await.unwrap();

@@ -100,6 +100,9 @@ pub trait Store: Send + Sync + 'static {
 
     // ----- sessions -----
 
+    /// Creates a device session. Its cursor starts at the highest seq any device of the user
+    /// acknowledged (0 for a first login): a new device receives what no device has seen yet,
+    /// and reads older conversations through `history`.
     async fn create_session(&self, session: NewSession) -> StoreResult<Session>;
 
     /// The session with this token hash, if it exists (expired ones too: the caller checks).
@@ -111,8 +114,8 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes one session (logout). Deleting a missing session is not an error.
     async fn delete_session(&self, device: DeviceId) -> StoreResult<()>;
 
-    /// Raises the device's cursor to `up_to` (never lowers it). Acks above the user's newest
-    /// seq are clamped to it.
+    /// Raises the device's cursor to `up_to` (never lowers it), and the user's high-water mark
+    /// with it. Acks above the user's newest seq are clamped to it.
     async fn ack(&self, device: DeviceId, up_to: Seq) -> StoreResult<()>;
 
     // ----- messages -----
@@ -123,8 +126,12 @@ pub trait Store: Send + Sync + 'static {
     async fn append_message(&self, message: NewMessage) -> StoreResult<Appended>;
 
     /// Inbox entries of `user` with seq > `after`, ascending, at most `limit`.
-    async fn read_inbox(&self, user: UserId, after: Seq, limit: usize)
-    -> StoreResult<Vec<InboxEntry>>;
+    async fn read_inbox(
+        &self,
+        user: UserId,
+        after: Seq,
+        limit: usize,
+    ) -> StoreResult<Vec<InboxEntry>>;
 
     /// The newest seq of the user's inbox (0 when empty).
     async fn inbox_head(&self, user: UserId) -> StoreResult<Seq>;
@@ -164,8 +171,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes a member; only an admin may, and an admin may remove themselves only by
     /// leaving. `NotFound("member")` when the user is not in the group.
-    async fn remove_member(&self, actor: UserId, group: GroupId, user: UserId)
-    -> StoreResult<Group>;
+    async fn remove_member(
+        &self,
+        actor: UserId,
+        group: GroupId,
+        user: UserId,
+    ) -> StoreResult<Group>;
 
     /// The user leaves. If they were the last admin, the longest-standing member becomes admin;
     /// the group is deleted when nobody is left.

@@ -693,10 +693,12 @@ fn delete_account(conn: &Connection, user: UserId) -> StoreResult<Vec<DeviceId>>
 
 fn create_session(conn: &Connection, session: &NewSession) -> StoreResult<Session> {
     let user = user_by_id(conn, session.user)?.ok_or(StoreError::NotFound("user"))?;
+    // A new device starts at the user's high-water mark: what no device acknowledged yet.
     let inserted = conn
         .prepare_cached(
             "INSERT INTO sessions (user_id, device_name, token_hash, expires_at, acked_seq, \
-             created_at) VALUES (?1, ?2, ?3, ?4, 0, ?5) RETURNING id",
+             created_at) SELECT ?1, ?2, ?3, ?4, u.acked_seq, ?5 FROM users u WHERE u.id = ?1 \
+             RETURNING id, acked_seq",
         )?
         .query_row(
             params![
@@ -706,15 +708,15 @@ fn create_session(conn: &Connection, session: &NewSession) -> StoreResult<Sessio
                 session.expires_at,
                 now_millis()
             ],
-            |row| get_u64(row, 0),
+            |row| Ok((get_u64(row, 0)?, get_u64(row, 1)?)),
         );
     match inserted {
-        Ok(device) => Ok(Session {
+        Ok((device, acked)) => Ok(Session {
             device: DeviceId(device),
             user,
             device_name: session.device_name.clone(),
             expires_at: session.expires_at,
-            acked: Seq(0),
+            acked: Seq(acked),
         }),
         Err(e) if is_unique_violation(&e) => Err(StoreError::AlreadyExists("session")),
         Err(e) => Err(e.into()),
@@ -745,6 +747,12 @@ fn ack(conn: &Connection, device: DeviceId, up_to: Seq) -> StoreResult<()> {
          AND sessions.acked_seq < min(?2, users.last_seq)",
     )?
     .execute([id_param(device.0), bound_param(up_to.0)])?;
+    // The user's high-water mark, where the next new device starts.
+    conn.prepare_cached(
+        "UPDATE users SET acked_seq = s.acked_seq FROM sessions s \
+         WHERE s.id = ?1 AND users.id = s.user_id AND users.acked_seq < s.acked_seq",
+    )?
+    .execute([id_param(device.0)])?;
     Ok(())
 }
 

@@ -20,10 +20,12 @@ pub struct TestServer {
 /// A configuration for tests: ephemeral ports, a temp data dir, cheap argon2 (the hashing
 /// itself is tested with production parameters in the unit tests) and generous rate limits.
 pub fn test_config(dir: &std::path::Path) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().expect("addr");
-    c.admin_listen = "127.0.0.1:0".parse().expect("addr");
-    c.data_dir = dir.to_path_buf();
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
     c.passwords.argon2_memory_kib = 1024;
     c.passwords.argon2_iterations = 1;
     c.limits.messages_per_second = 100_000;
@@ -44,7 +46,9 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = test_config(dir.path());
         adjust(&mut config);
-        let server = RunningServer::start(config.clone()).await.expect("server starts");
+        let server = RunningServer::start(config.clone())
+            .await
+            .expect("server starts");
         Self {
             server: Some(server),
             config,
@@ -111,7 +115,9 @@ impl TestServer {
 /// A minimal HTTP/1.0 GET against the admin port.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin connect");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin connect");
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .expect("write");
