@@ -142,11 +142,17 @@ impl Session {
                 "session expired; log in again",
             ));
         }
-        session.expires_at = now.saturating_add(self.session_ttl_ms());
-        self.shared
-            .store
-            .touch_session(session.device, session.expires_at)
-            .await?;
+        // Sliding expiry, but written at most once per tenth of the lifetime: a reconnect storm
+        // then costs reads, not a write per client.
+        let ttl = self.session_ttl_ms();
+        let renewed = now.saturating_add(ttl);
+        if renewed.saturating_sub(session.expires_at) > ttl / 10 {
+            session.expires_at = renewed;
+            self.shared
+                .store
+                .touch_session(session.device, session.expires_at)
+                .await?;
+        }
         self.authenticated(session, r.session_token.to_vec())
     }
 
