@@ -309,6 +309,9 @@ pub struct Overrides {
     /// Most members per group [default: 5000]
     #[arg(long, env = "MESSENGER_MAX_GROUP_MEMBERS", global = true)]
     pub max_group_members: Option<usize>,
+    /// Most messages per history page or conversation list [default: 200]
+    #[arg(long, env = "MESSENGER_MAX_HISTORY_PAGE", global = true)]
+    pub max_history_page: Option<usize>,
     /// Most concurrent connections [default: 200000]
     #[arg(long, env = "MESSENGER_MAX_CONNECTIONS", global = true)]
     pub max_connections: Option<usize>,
@@ -345,7 +348,7 @@ pub struct Overrides {
     /// Seconds to drain connections on shutdown [default: 10]
     #[arg(long, env = "MESSENGER_SHUTDOWN_DRAIN", global = true)]
     pub shutdown_drain: Option<u64>,
-    /// Session token lifetime in seconds, renewed on each resume [default: 2592000]
+    /// Session token lifetime in seconds; a resume renews it (written at most once per tenth of it) [default: 2592000]
     #[arg(long, env = "MESSENGER_SESSION_TTL", global = true)]
     pub session_ttl: Option<u64>,
     /// argon2id memory cost in KiB [default: 19456]
@@ -402,6 +405,7 @@ impl Overrides {
         set(&mut l.max_frame_bytes, &self.max_frame_bytes);
         set(&mut l.max_body_bytes, &self.max_body_bytes);
         set(&mut l.max_group_members, &self.max_group_members);
+        set(&mut l.max_history_page, &self.max_history_page);
         set(&mut l.max_connections, &self.max_connections);
         set(&mut l.max_connections_per_ip, &self.max_connections_per_ip);
         set(&mut l.messages_per_second, &self.messages_per_second);

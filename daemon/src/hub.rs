@@ -113,7 +113,9 @@ impl Hub {
         self.shard(user).lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a connection for live pushes; the receiver is its live queue.
+    /// Registers a connection for live pushes; the receiver is its live queue. A device has
+    /// one delivering connection: an older connection of the same device (typically a
+    /// half-open one the client already gave up on) is kicked, so the newest one wins.
     pub fn register(
         &self,
         user: UserId,
@@ -129,10 +131,20 @@ impl Hub {
             kicked: CancellationToken::new(),
             kick_reason: Mutex::new(None),
         });
-        self.lock(user)
-            .entry(user)
-            .or_default()
-            .push(handle.clone());
+        let replaced: Vec<Arc<ConnHandle>> = {
+            let mut shard = self.lock(user);
+            let conns = shard.entry(user).or_default();
+            let (old, keep): (Vec<_>, Vec<_>) = conns.drain(..).partition(|c| c.device == device);
+            *conns = keep;
+            conns.push(handle.clone());
+            old
+        };
+        for old in replaced {
+            old.kick(WireError::new(
+                messenger_protocol::ErrorCode::Unauthenticated,
+                "this device's session was resumed on a newer connection",
+            ));
+        }
         (handle, rx)
     }
 
@@ -242,5 +254,22 @@ mod tests {
         hub.unregister(&h1);
         hub.unregister(&h2);
         assert_eq!(hub.online_users(), 0);
+    }
+
+    #[test]
+    fn a_newer_connection_of_the_same_device_replaces_the_older_one() {
+        let hub = Hub::new(2);
+        let (old, _rx1) = hub.register(UserId(2), DeviceId(1));
+        let (other_device, _rx2) = hub.register(UserId(2), DeviceId(2));
+        let (new, mut rx3) = hub.register(UserId(2), DeviceId(1));
+        assert!(old.kicked().is_cancelled());
+        assert!(!other_device.kicked().is_cancelled());
+        assert!(!new.kicked().is_cancelled());
+        hub.push(UserId(2), &entry(1));
+        assert_eq!(rx3.try_recv().map(|e| e.seq), Ok(Seq(1)));
+        // The replaced connection unregistering later must not remove the new one.
+        hub.unregister(&old);
+        hub.push(UserId(2), &entry(2));
+        assert_eq!(rx3.try_recv().map(|e| e.seq), Ok(Seq(2)));
     }
 }

@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use messenger_protocol::codec::ServerCodec;
 use messenger_protocol::pb::{self, client_frame::Kind as Req, server_frame::Kind as Resp};
 use messenger_protocol::{CodecError, ErrorCode, PROTOCOL_VERSION, WireError};
+use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -114,7 +115,10 @@ pub async fn run<S>(
             auth: None,
             closing,
         };
-        if session.hello(&mut frames, handshake_deadline).await {
+        if session
+            .hello(&mut frames, handshake_deadline, &shutdown)
+            .await
+        {
             session.serve(&mut frames, &shutdown).await;
         }
         session.sign_out();
@@ -135,12 +139,21 @@ pub async fn run<S>(
 
 impl Session {
     /// Waits for `Hello`; false when the connection must close.
-    async fn hello<R>(&mut self, frames: &mut FramedRead<R, ServerCodec>, deadline: Instant) -> bool
+    async fn hello<R>(
+        &mut self,
+        frames: &mut FramedRead<R, ServerCodec>,
+        deadline: Instant,
+        shutdown: &CancellationToken,
+    ) -> bool
     where
         R: AsyncRead + Unpin,
     {
         let frame = tokio::select! {
             f = frames.next() => f,
+            _ = shutdown.cancelled() => {
+                self.go_away(shutdown_go_away()).await;
+                return false;
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 self.close_with(ErrorCode::InvalidArgument, "no Hello before the handshake timeout").await;
                 return false;
@@ -206,7 +219,7 @@ impl Session {
         R: AsyncRead + Unpin,
     {
         let timeouts = self.shared.config.timeouts.clone();
-        let auth_deadline = Instant::now() + timeouts.auth();
+        let mut auth_deadline = Instant::now() + timeouts.auth();
         let mut idle_deadline = Instant::now() + timeouts.idle();
         loop {
             let kicked = self.kick_token();
@@ -237,12 +250,19 @@ impl Session {
                 }
                 _ = self.closing.cancelled() => return,
                 _ = tokio::time::sleep_until(deadline) => {
-                    let why = if self.auth.is_none() && Instant::now() >= auth_deadline {
-                        "not authenticated before the authentication timeout"
+                    if self.auth.is_none() && Instant::now() >= auth_deadline {
+                        self.close_with(
+                            ErrorCode::Unauthenticated,
+                            "not authenticated before the authentication timeout",
+                        )
+                        .await;
                     } else {
-                        "idle timeout: nothing received; send Ping more often"
-                    };
-                    self.close_with(ErrorCode::Unauthenticated, why).await;
+                        self.close_with(
+                            ErrorCode::Unavailable,
+                            "idle timeout: nothing received; send Ping more often",
+                        )
+                        .await;
+                    }
                     return;
                 }
                 f = frames.next() => f,
@@ -269,7 +289,20 @@ impl Session {
                 .await;
                 continue;
             };
+            // Ack has no response, not even an error: the client is not waiting for one.
+            let is_ack = matches!(kind, Req::Ack(_));
+            let was_authed = self.auth.is_some();
             let result = self.dispatch(kind).await;
+            if was_authed && self.auth.is_none() {
+                // Logged out: a fresh window to log in again on this connection.
+                auth_deadline = Instant::now() + timeouts.auth();
+            }
+            if is_ack {
+                if let Err(e) = result {
+                    debug!(error = %e, "ack refused");
+                }
+                continue;
+            }
             match result {
                 Ok((resp, After::Continue)) => self.respond(request_id, Ok(resp)).await,
                 Ok((_, After::NoReply)) => {}
@@ -303,6 +336,10 @@ impl Session {
                 "Hello was already received",
             )),
             Req::Register(r) => self.register(r).await,
+            Req::Login(_) | Req::Resume(_) if self.auth.is_some() => Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "already authenticated on this connection; log out first",
+            )),
             Req::Login(r) => self.login(r).await,
             Req::Resume(r) => self.resume(r).await,
             other => {
@@ -327,6 +364,7 @@ impl Session {
                     Req::ListGroups(_) => self.list_groups().await,
                     Req::GetGroup(r) => self.get_group(r).await,
                     Req::GetHistory(r) => self.history(r).await,
+                    Req::ListConversations(r) => self.list_conversations(r).await,
                     Req::Ping(_)
                     | Req::Hello(_)
                     | Req::Register(_)
@@ -389,21 +427,22 @@ impl Session {
 
     /// Queues a response (or an error) for the writer.
     pub async fn respond(&self, request_id: u64, result: Result<Resp, WireError>) {
-        let kind = match result {
-            Ok(resp) => resp,
-            Err(e) => {
-                metrics::request_error(messenger_protocol::error::code_name(e.code));
-                Resp::Error(e.to_pb())
-            }
+        let mut frame = pb::ServerFrame {
+            request_id,
+            kind: Some(match result {
+                Ok(resp) => resp,
+                Err(e) => error_kind(e),
+            }),
         };
+        if frame.encoded_len() > self.shared.config.limits.max_frame_bytes {
+            // The writer would have to drop it; the client gets told instead of waiting.
+            frame.kind = Some(error_kind(WireError::new(
+                ErrorCode::TooLarge,
+                "the response exceeds the frame limit; ask for less (e.g. a smaller history page)",
+            )));
+        }
         // A closed channel means the writer is gone: the connection is over anyway.
-        let _ = self
-            .out
-            .send(pb::ServerFrame {
-                request_id,
-                kind: Some(kind),
-            })
-            .await;
+        let _ = self.out.send(frame).await;
     }
 
     async fn go_away(&self, go_away: pb::GoAway) {
@@ -437,6 +476,11 @@ impl Session {
             CodecError::Io(e) => debug!(error = %e, "read failed"),
         }
     }
+}
+
+fn error_kind(e: WireError) -> Resp {
+    metrics::request_error(messenger_protocol::error::code_name(e.code));
+    Resp::Error(e.to_pb())
 }
 
 /// `GoAway` for a server shutdown: reconnect after a random 1–5 s, so a rolling restart

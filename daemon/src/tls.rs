@@ -193,6 +193,8 @@ fn ensure_dev_certificate(dir: &Path) -> Result<CertSource, TlsError> {
     leaf_params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "messengerd development");
+    // Strict verifiers (Python's default X509_STRICT, for one) require the AKI extension.
+    leaf_params.use_authority_key_identifier_extension = true;
     let leaf_key = rcgen::KeyPair::generate()?;
     let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
 

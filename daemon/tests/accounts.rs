@@ -148,7 +148,7 @@ async fn changing_the_password_revokes_other_sessions_only() {
         .change_password("wrong current", "a new password")
         .await
         .expect_err("wrong current");
-    assert_eq!(code(&err), Some(ErrorCode::Unauthenticated));
+    assert_eq!(code(&err), Some(ErrorCode::PermissionDenied));
 
     alice
         .conn()
@@ -233,7 +233,7 @@ async fn deleting_an_account_needs_the_password_and_frees_the_username() {
         .delete_account("wrong")
         .await
         .expect_err("wrong password");
-    assert_eq!(code(&err), Some(ErrorCode::Unauthenticated));
+    assert_eq!(code(&err), Some(ErrorCode::PermissionDenied));
     alice.conn().delete_account(PASSWORD).await.expect("delete");
 
     // Every session of the account is gone: the phone is told and disconnected (after the
@@ -269,5 +269,38 @@ async fn deleting_an_account_needs_the_password_and_frees_the_username() {
         .await
         .expect("re-register");
     assert_ne!(new_alice.user_id, alice_user.user_id);
+    ts.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_login_on_an_authenticated_connection_is_refused() {
+    let ts = TestServer::start().await;
+    let (mut alice, _) = ts.user("alice").await;
+    let err = alice
+        .login("alice", PASSWORD, "again")
+        .await
+        .expect_err("second login");
+    assert_eq!(code(&err), Some(ErrorCode::InvalidArgument));
+    alice.logout().await.expect("logout");
+    alice
+        .login("alice", PASSWORD, "again")
+        .await
+        .expect("login after logout");
+    ts.stop().await;
+}
+
+#[tokio::test]
+async fn resuming_a_device_on_a_new_connection_closes_the_older_one() {
+    let ts = TestServer::start().await;
+    let (mut old, _) = ts.user("alice").await;
+    let token = old.session().expect("session").session_token.clone();
+    let mut new = ts.client().await;
+    new.resume(&token).await.expect("resume");
+    let err = old.next_delivery(common::WAIT).await.expect_err("replaced");
+    assert!(err.to_string().contains("newer connection"), "{err}");
+    new.conn()
+        .list_groups()
+        .await
+        .expect("the newer connection serves");
     ts.stop().await;
 }

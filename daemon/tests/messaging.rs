@@ -95,6 +95,68 @@ async fn a_new_device_does_not_replay_what_another_device_already_acknowledged()
     let got = deliveries(&mut phone, 1).await;
     assert_eq!(text(&got[0]), "not yet seen");
     assert_quiet(&mut phone).await;
+    // The new device finds the conversation, and its older messages through history.
+    let chats = phone
+        .conn()
+        .list_conversations(0)
+        .await
+        .expect("conversations");
+    assert_eq!(chats.len(), 1);
+    let alice_id = alice.user().expect("alice").user_id;
+    match &chats[0].with {
+        Some(pb::conversation_summary::With::User(u)) => assert_eq!(u.user_id, alice_id),
+        other => panic!("{other:?}"),
+    }
+    let last = chats[0].last_message.as_ref().expect("last message");
+    assert_eq!(&last.body[..], b"not yet seen");
+    let page = phone
+        .conn()
+        .history(Recipient::User(alice_id), 0, 0)
+        .await
+        .expect("history");
+    assert_eq!(page.messages.len(), 2);
+    ts.stop().await;
+}
+
+#[tokio::test]
+async fn a_history_page_never_exceeds_the_frame_limit() {
+    let ts = TestServer::start_with(|c| {
+        c.limits.max_body_bytes = 60 * 1024;
+        c.limits.max_frame_bytes = 128 * 1024;
+    })
+    .await;
+    let (alice, _) = ts.user("alice").await;
+    let (bob, bob_user) = ts.user("bob").await;
+    let big = Bytes::from(vec![b'x'; 60 * 1024]);
+    for i in 0..5 {
+        alice
+            .conn()
+            .send_message(
+                Recipient::User(bob_user.user_id),
+                &format!("big{i}"),
+                big.clone(),
+                "",
+            )
+            .await
+            .expect("send");
+    }
+    let alice_id = alice.user().expect("alice").user_id;
+    let mut total = 0;
+    let mut before = 0;
+    loop {
+        let page = bob
+            .conn()
+            .history(Recipient::User(alice_id), before, 0)
+            .await
+            .expect("a page that fits, not an error or silence");
+        assert!(!page.messages.is_empty() && page.messages.len() <= 2);
+        total += page.messages.len();
+        match page.messages.last() {
+            Some(m) if page.has_more => before = m.message_id,
+            _ => break,
+        }
+    }
+    assert_eq!(total, 5);
     ts.stop().await;
 }
 

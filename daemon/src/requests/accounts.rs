@@ -93,6 +93,8 @@ impl Session {
             short_name("device name", &r.device_name, DEVICE_NAME_MAX)?
         };
         if r.password.len() > auth::MAX_PASSWORD_BYTES {
+            self.shared.login_failures.record(&key);
+            metrics::auth_failure();
             return Err(wrong_credentials());
         }
         let account = self.shared.store.account_by_username(&key).await?;
@@ -213,9 +215,10 @@ impl Session {
         {
             self.shared.login_failures.record(&key);
             metrics::auth_failure();
+            // Not UNAUTHENTICATED: the session itself stays valid.
             return Err(WireError::new(
-                ErrorCode::Unauthenticated,
-                "password is wrong",
+                ErrorCode::PermissionDenied,
+                "the password is wrong",
             ));
         }
         Ok(())

@@ -2,6 +2,7 @@
 
 use messenger_protocol::pb::{self, server_frame::Kind as Resp};
 use messenger_protocol::{ErrorCode, WireError};
+use prost::Message as _;
 
 use super::invalid;
 use crate::auth;
@@ -97,6 +98,52 @@ impl Session {
         Ok((Resp::Ok(pb::Ok {}), After::NoReply))
     }
 
+    pub(crate) async fn list_conversations(&mut self, r: pb::ListConversations) -> Handled {
+        let reader = self.authed()?.user.id;
+        let cap = self.shared.config.limits.max_history_page;
+        let limit = match r.limit as usize {
+            0 => cap,
+            n => n.min(cap),
+        };
+        let store = &self.shared.store;
+        let found = store.conversations(reader, limit).await?;
+        let groups: std::collections::HashMap<GroupId, pb::Group> = store
+            .groups_of(reader)
+            .await?
+            .iter()
+            .map(|g| (g.id, pb::Group::from(g)))
+            .collect();
+        let mut conversations = Vec::with_capacity(found.len());
+        for (conversation, last) in found {
+            let with = match conversation {
+                Conversation::Group(g) => match groups.get(&g) {
+                    Some(group) => pb::conversation_summary::With::Group(group.clone()),
+                    // Left between the two reads.
+                    None => continue,
+                },
+                Conversation::Direct(peer) => {
+                    let user = match store.account_by_id(peer).await? {
+                        Some(account) => pb::User::from(&account.user),
+                        None if last.sender.id == peer => pb::User::from(&last.sender),
+                        None => pb::User {
+                            user_id: peer.0,
+                            username: format!("deleted-{peer}"),
+                            display_name: format!("deleted-{peer}"),
+                        },
+                    };
+                    pb::conversation_summary::With::User(user)
+                }
+            };
+            conversations.push(pb::ConversationSummary {
+                with: Some(with),
+                last_message: Some(pb::Message::from(&last)),
+            });
+        }
+        ok(Resp::ConversationList(pb::ConversationList {
+            conversations,
+        }))
+    }
+
     pub(crate) async fn history(&mut self, r: pb::GetHistory) -> Handled {
         let reader = self.authed()?.user.id;
         let conversation = match r.conversation {
@@ -119,10 +166,28 @@ impl Session {
             .store
             .history(reader, conversation, before, limit + 1)
             .await?;
-        let has_more = messages.len() > limit;
+        let mut has_more = messages.len() > limit;
         messages.truncate(limit);
+        // Keep the page inside one frame: stop early (has_more) rather than fail on big bodies.
+        let budget = self
+            .shared
+            .config
+            .limits
+            .max_frame_bytes
+            .saturating_sub(1024);
+        let mut used = 0;
+        let mut page = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let m = pb::Message::from(m);
+            used += m.encoded_len() + 8;
+            if used > budget && !page.is_empty() {
+                has_more = true;
+                break;
+            }
+            page.push(m);
+        }
         ok(Resp::HistoryPage(pb::HistoryPage {
-            messages: messages.iter().map(pb::Message::from).collect(),
+            messages: page,
             has_more,
         }))
     }

@@ -679,6 +679,51 @@ pub(crate) async fn group_history_is_for_members_only(store: &dyn Store) {
     );
 }
 
+pub(crate) async fn conversations_list_each_chat_once_newest_first(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+    let team = store
+        .create_group(alice.id, "team", &[bob.id], 10, 1)
+        .await
+        .unwrap()
+        .id;
+    let left = store
+        .create_group(bob.id, "left", &[alice.id], 10, 1)
+        .await
+        .unwrap()
+        .id;
+    dm(store, &alice, &bob, "d1").await;
+    to_group(store, &bob, left, "l1").await;
+    dm(store, &carol, &alice, "d2").await;
+    to_group(store, &bob, team, "g1").await;
+    dm(store, &bob, &alice, "d3").await;
+    store.leave_group(alice.id, left).await.unwrap();
+
+    let list = store.conversations(alice.id, ALL).await.unwrap();
+    let seen: Vec<(Conversation, &str)> = list
+        .iter()
+        .map(|(c, m)| (*c, m.client_msg_id.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Conversation::Direct(bob.id), "d3"),
+            (Conversation::Group(team), "g1"),
+            (Conversation::Direct(carol.id), "d2"),
+        ],
+        "newest first, one row per conversation, groups left are gone"
+    );
+    assert_eq!(store.conversations(alice.id, 1).await.unwrap().len(), 1);
+    assert!(
+        store
+            .conversations(MISSING_USER, ALL)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 // ----- groups -----
 
 pub(crate) async fn group_changes_follow_admin_rules(store: &dyn Store) {
@@ -1178,6 +1223,7 @@ mod sqlite_backend {
             inbox_reads_in_order_and_pages,
             direct_history_pages_newest_first_from_both_sides,
             group_history_is_for_members_only,
+            conversations_list_each_chat_once_newest_first,
             group_changes_follow_admin_rules,
             create_group_checks_users_and_size,
             leaving_hands_admin_to_the_longest_standing_member,

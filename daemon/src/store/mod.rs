@@ -147,6 +147,15 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>>;
 
+    /// The reader's conversations with their newest message, most recently active first:
+    /// every direct peer and every group the reader is still a member of, that has a message
+    /// in the reader's inbox. At most `limit`.
+    async fn conversations(
+        &self,
+        reader: UserId,
+        limit: usize,
+    ) -> StoreResult<Vec<(Conversation, StoredMessage)>>;
+
     // ----- groups -----
 
     /// Creates a group with `creator` as its admin and `members` (missing users are

@@ -1117,6 +1117,44 @@ fn history(
     Ok(page)
 }
 
+fn conversations(
+    conn: &mut Connection,
+    reader: UserId,
+    limit: usize,
+) -> StoreResult<Vec<(Conversation, StoredMessage)>> {
+    let tx = conn.transaction()?;
+    // The inbox holds every message the reader sent or received; the newest per conversation
+    // key is its last activity. Groups the reader left are skipped.
+    let rows = tx
+        .prepare_cached(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages m JOIN ( \
+               SELECT max(m2.id) AS id FROM inbox i JOIN messages m2 ON m2.id = i.message_id \
+               WHERE i.user_id = ?1 GROUP BY m2.conversation \
+             ) last ON last.id = m.id \
+             WHERE m.to_group_id IS NULL OR EXISTS ( \
+               SELECT 1 FROM group_members gm WHERE gm.group_id = m.to_group_id AND gm.user_id = ?1) \
+             ORDER BY m.id DESC LIMIT ?2"
+        ))?
+        .query_map(params![id_param(reader.0), limit_param(limit)], |row| {
+            message_from_row(row, 0)
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    tx.commit()?;
+    Ok(rows
+        .into_iter()
+        .map(|m| {
+            let conversation = match m.to {
+                Recipient::Group(g) => Conversation::Group(g),
+                Recipient::User(to) if m.sender.id == reader => Conversation::Direct(to),
+                Recipient::User(_) => Conversation::Direct(m.sender.id),
+            };
+            (conversation, m)
+        })
+        .collect())
+}
+
 fn group_for(conn: &mut Connection, reader: UserId, group: GroupId) -> StoreResult<Group> {
     let tx = conn.transaction()?;
     require_member(&tx, group, reader)?;
@@ -1243,6 +1281,14 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<StoredMessage>> {
         self.read(move |c| history(c, reader, conversation, before, limit))
             .await
+    }
+
+    async fn conversations(
+        &self,
+        reader: UserId,
+        limit: usize,
+    ) -> StoreResult<Vec<(Conversation, StoredMessage)>> {
+        self.read(move |c| conversations(c, reader, limit)).await
     }
 
     async fn create_group(

@@ -326,6 +326,7 @@ fn kind_name(kind: &server_frame::Kind) -> &'static str {
         K::HistoryPage(_) => "HistoryPage",
         K::Pong(_) => "Pong",
         K::GoAway(_) => "GoAway",
+        K::ConversationList(_) => "ConversationList",
     }
 }
 
@@ -822,6 +823,19 @@ impl Connection {
         match self.request(kind).await? {
             server_frame::Kind::HistoryPage(p) => Ok(p),
             other => Err(unexpected("HistoryPage", other)),
+        }
+    }
+
+    /// The caller's conversations with their newest message, most recently active first
+    /// (at most `limit`; 0: the server's cap).
+    pub async fn list_conversations(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<pb::ConversationSummary>, ClientError> {
+        let kind = client_frame::Kind::ListConversations(pb::ListConversations { limit });
+        match self.request(kind).await? {
+            server_frame::Kind::ConversationList(l) => Ok(l.conversations),
+            other => Err(unexpected("ConversationList", other)),
         }
     }
 
