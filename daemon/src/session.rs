@@ -329,6 +329,16 @@ impl Session {
 
     /// The single match on a request's kind.
     async fn dispatch(&mut self, kind: Req) -> Handled {
+        let open_to_anyone = matches!(
+            kind,
+            Req::Ping(_) | Req::Hello(_) | Req::Register(_) | Req::Login(_) | Req::Resume(_)
+        );
+        if !open_to_anyone && self.auth.is_none() {
+            return Err(WireError::new(
+                ErrorCode::Unauthenticated,
+                "log in or resume first",
+            ));
+        }
         match kind {
             Req::Ping(_) => ok(Resp::Pong(pb::Pong {})),
             Req::Hello(_) => Err(WireError::new(
@@ -342,36 +352,21 @@ impl Session {
             )),
             Req::Login(r) => self.login(r).await,
             Req::Resume(r) => self.resume(r).await,
-            other => {
-                if self.auth.is_none() {
-                    return Err(WireError::new(
-                        ErrorCode::Unauthenticated,
-                        "log in or resume first",
-                    ));
-                }
-                match other {
-                    Req::UpdateProfile(r) => self.update_profile(r).await,
-                    Req::ChangePassword(r) => self.change_password(r).await,
-                    Req::Logout(_) => self.logout().await,
-                    Req::DeleteAccount(r) => self.delete_account(r).await,
-                    Req::LookupUser(r) => self.lookup_user(r).await,
-                    Req::Send(r) => self.send_message(r).await,
-                    Req::Ack(r) => self.ack(r).await,
-                    Req::CreateGroup(r) => self.create_group(r).await,
-                    Req::AddMembers(r) => self.add_members(r).await,
-                    Req::RemoveMember(r) => self.remove_member(r).await,
-                    Req::LeaveGroup(r) => self.leave_group(r).await,
-                    Req::ListGroups(_) => self.list_groups().await,
-                    Req::GetGroup(r) => self.get_group(r).await,
-                    Req::GetHistory(r) => self.history(r).await,
-                    Req::ListConversations(r) => self.list_conversations(r).await,
-                    Req::Ping(_)
-                    | Req::Hello(_)
-                    | Req::Register(_)
-                    | Req::Login(_)
-                    | Req::Resume(_) => unreachable_request(),
-                }
-            }
+            Req::UpdateProfile(r) => self.update_profile(r).await,
+            Req::ChangePassword(r) => self.change_password(r).await,
+            Req::Logout(_) => self.logout().await,
+            Req::DeleteAccount(r) => self.delete_account(r).await,
+            Req::LookupUser(r) => self.lookup_user(r).await,
+            Req::Send(r) => self.send_message(r).await,
+            Req::Ack(r) => self.ack(r).await,
+            Req::CreateGroup(r) => self.create_group(r).await,
+            Req::AddMembers(r) => self.add_members(r).await,
+            Req::RemoveMember(r) => self.remove_member(r).await,
+            Req::LeaveGroup(r) => self.leave_group(r).await,
+            Req::ListGroups(_) => self.list_groups().await,
+            Req::GetGroup(r) => self.get_group(r).await,
+            Req::GetHistory(r) => self.history(r).await,
+            Req::ListConversations(r) => self.list_conversations(r).await,
         }
     }
 
@@ -492,13 +487,6 @@ pub fn shutdown_go_away() -> pb::GoAway {
         reconnect_after_ms: rand::rng().random_range(1_000..5_000),
         code: ErrorCode::Unavailable as i32,
     }
-}
-
-fn unreachable_request() -> Handled {
-    Err(WireError::new(
-        ErrorCode::Internal,
-        "request routed wrongly",
-    ))
 }
 
 /// How long a rate-limited client should wait, for the error's `retry_after_ms`.

@@ -47,15 +47,13 @@ impl Session {
         }
         let max_body = self.shared.config.limits.max_body_bytes;
         if r.body.len() > max_body {
-            let mut e = WireError::new(
+            return Err(WireError::new(
                 ErrorCode::TooLarge,
                 format!(
                     "body of {} bytes exceeds the limit of {max_body} bytes",
                     r.body.len()
                 ),
-            );
-            e.retry_after_ms = 0;
-            return Err(e);
+            ));
         }
         if r.body.is_empty() {
             return Err(invalid("message body is empty"));
