@@ -208,10 +208,9 @@ async fn random_request_sequences_always_get_one_answer_each_and_never_break_the
             ts.user(&name).await.0
         };
         let conn = client.conn().clone();
-        let mut request_id = 100u64;
-        for step in 0..120 {
+        for step in 0..120u64 {
             let req = pools.request(&mut rng);
-            request_id += 1;
+            let request_id = 100 + step;
             let is_ack = matches!(req, Req::Ack(_));
             let frame = pb::ClientFrame {
                 request_id: if is_ack { 0 } else { request_id },
