@@ -8,8 +8,9 @@ use std::hint::black_box;
 use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use messenger_protocol::DEFAULT_MAX_FRAME_BYTES;
-use messenger_protocol::codec::{ClientCodec, ServerCodec};
+use messenger_protocol::codec::FrameCodec;
 use messenger_protocol::pb::{self, client_frame, server_frame};
+use prost::Message;
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Frames per iteration.
@@ -49,19 +50,26 @@ fn send_message(request_id: u64) -> pb::ClientFrame {
     }
 }
 
-fn bench_delivery(c: &mut Criterion) {
-    let frames: Vec<pb::ServerFrame> = (1..=BATCH as u64).map(delivery).collect();
+/// Benchmarks one direction of the wire: `Out` frames encoded by `FrameCodec<In, Out>` and
+/// decoded by the peer's `FrameCodec<Out, In>`.
+fn bench_direction<In, Out>(c: &mut Criterion, name: &str, frames: Vec<Out>, enc: &str, dec: &str)
+where
+    In: Message + Default,
+    Out: Message + Default,
+{
+    let codec_out = || FrameCodec::<In, Out>::new(DEFAULT_MAX_FRAME_BYTES);
+    let codec_in = || FrameCodec::<Out, In>::new(DEFAULT_MAX_FRAME_BYTES);
     let mut encoded = BytesMut::new();
-    let mut server = ServerCodec::new(DEFAULT_MAX_FRAME_BYTES);
+    let mut encoder = codec_out();
     for f in &frames {
-        server.encode(f, &mut encoded).expect("encode");
+        encoder.encode(f, &mut encoded).expect("encode");
     }
     let frame_len = encoded.len() / BATCH;
 
-    let mut group = c.benchmark_group(format!("delivery_100B_body ({frame_len} B/frame)"));
+    let mut group = c.benchmark_group(format!("{name} ({frame_len} B/frame)"));
     group.throughput(Throughput::Elements(BATCH as u64));
-    group.bench_function("encode (ServerCodec)", |b| {
-        let mut codec = ServerCodec::new(DEFAULT_MAX_FRAME_BYTES);
+    group.bench_function(format!("encode ({enc})"), |b| {
+        let mut codec = codec_out();
         let mut buf = BytesMut::with_capacity(encoded.len());
         b.iter(|| {
             buf.clear();
@@ -71,8 +79,8 @@ fn bench_delivery(c: &mut Criterion) {
             black_box(buf.len());
         })
     });
-    group.bench_function("decode (ClientCodec)", |b| {
-        let mut codec = ClientCodec::new(DEFAULT_MAX_FRAME_BYTES);
+    group.bench_function(format!("decode ({dec})"), |b| {
+        let mut codec = codec_in();
         b.iter_batched_ref(
             || encoded.clone(),
             |buf| {
@@ -87,15 +95,15 @@ fn bench_delivery(c: &mut Criterion) {
         )
     });
     group.bench_function("encode+decode", |b| {
-        let mut enc = ServerCodec::new(DEFAULT_MAX_FRAME_BYTES);
-        let mut dec = ClientCodec::new(DEFAULT_MAX_FRAME_BYTES);
+        let mut encoder = codec_out();
+        let mut decoder = codec_in();
         let mut buf = BytesMut::with_capacity(encoded.len());
         b.iter(|| {
             for f in &frames {
-                enc.encode(f, &mut buf).expect("encode");
+                encoder.encode(f, &mut buf).expect("encode");
             }
             let mut n = 0;
-            while let Some(f) = dec.decode(&mut buf).expect("decode") {
+            while let Some(f) = decoder.decode(&mut buf).expect("decode") {
                 black_box(&f);
                 n += 1;
             }
@@ -105,60 +113,26 @@ fn bench_delivery(c: &mut Criterion) {
     group.finish();
 }
 
-fn bench_send(c: &mut Criterion) {
-    let frames: Vec<pb::ClientFrame> = (1..=BATCH as u64).map(send_message).collect();
-    let mut encoded = BytesMut::new();
-    let mut client = ClientCodec::new(DEFAULT_MAX_FRAME_BYTES);
-    for f in &frames {
-        client.encode(f, &mut encoded).expect("encode");
-    }
-    let frame_len = encoded.len() / BATCH;
+fn bench_delivery(c: &mut Criterion) {
+    let frames = (1..=BATCH as u64).map(delivery).collect();
+    bench_direction::<pb::ClientFrame, pb::ServerFrame>(
+        c,
+        "delivery_100B_body",
+        frames,
+        "ServerCodec",
+        "ClientCodec",
+    );
+}
 
-    let mut group = c.benchmark_group(format!("send_message_100B_body ({frame_len} B/frame)"));
-    group.throughput(Throughput::Elements(BATCH as u64));
-    group.bench_function("encode (ClientCodec)", |b| {
-        let mut codec = ClientCodec::new(DEFAULT_MAX_FRAME_BYTES);
-        let mut buf = BytesMut::with_capacity(encoded.len());
-        b.iter(|| {
-            buf.clear();
-            for f in &frames {
-                codec.encode(f, &mut buf).expect("encode");
-            }
-            black_box(buf.len());
-        })
-    });
-    group.bench_function("decode (ServerCodec)", |b| {
-        let mut codec = ServerCodec::new(DEFAULT_MAX_FRAME_BYTES);
-        b.iter_batched_ref(
-            || encoded.clone(),
-            |buf| {
-                let mut n = 0;
-                while let Some(f) = codec.decode(buf).expect("decode") {
-                    black_box(&f);
-                    n += 1;
-                }
-                assert_eq!(n, BATCH);
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    group.bench_function("encode+decode", |b| {
-        let mut enc = ClientCodec::new(DEFAULT_MAX_FRAME_BYTES);
-        let mut dec = ServerCodec::new(DEFAULT_MAX_FRAME_BYTES);
-        let mut buf = BytesMut::with_capacity(encoded.len());
-        b.iter(|| {
-            for f in &frames {
-                enc.encode(f, &mut buf).expect("encode");
-            }
-            let mut n = 0;
-            while let Some(f) = dec.decode(&mut buf).expect("decode") {
-                black_box(&f);
-                n += 1;
-            }
-            assert_eq!(n, BATCH);
-        })
-    });
-    group.finish();
+fn bench_send(c: &mut Criterion) {
+    let frames = (1..=BATCH as u64).map(send_message).collect();
+    bench_direction::<pb::ServerFrame, pb::ClientFrame>(
+        c,
+        "send_message_100B_body",
+        frames,
+        "ClientCodec",
+        "ServerCodec",
+    );
 }
 
 criterion_group!(benches, bench_delivery, bench_send);
