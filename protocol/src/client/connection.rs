@@ -73,6 +73,9 @@ pub struct ConnectOptions {
     pub max_frame_bytes: usize,
     /// Capacity of the events channel (pushes waiting for the application).
     pub event_buffer: usize,
+    /// Source address to connect from (port chosen by the OS). A load generator spreads its
+    /// connections over 127.0.0.0/8 this way to pass 64k ports per destination.
+    pub local_addr: Option<std::net::IpAddr>,
 }
 
 impl ConnectOptions {
@@ -89,6 +92,7 @@ impl ConnectOptions {
             ping_interval: Duration::from_secs(20),
             max_frame_bytes: crate::DEFAULT_MAX_FRAME_BYTES,
             event_buffer: 1024,
+            local_addr: None,
         }
     }
 
@@ -123,6 +127,26 @@ fn host_of(addr: &str) -> Result<&str, ClientError> {
         return Err(bad());
     }
     Ok(host)
+}
+
+async fn connect_tcp(addr: &str, local: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = local else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "address resolved to nothing");
+    for remote in tokio::net::lookup_host(addr).await? {
+        let socket = if remote.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        match socket.connect(remote).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Who a message or a history request is for.
@@ -409,7 +433,7 @@ impl Connection {
         let server_name = opts.tls_server_name()?;
 
         let establish = async {
-            let tcp = TcpStream::connect(&opts.addr).await?;
+            let tcp = connect_tcp(&opts.addr, opts.local_addr).await?;
             tcp.set_nodelay(true)?;
             let tls = TlsConnector::from(config)
                 .connect(server_name, tcp)

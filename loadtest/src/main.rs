@@ -1,0 +1,278 @@
+//! `messenger-loadtest`: drives a Messenger daemon (or several, or a balancer) with simulated
+//! users, measures throughput, latency and connection cost, and checks that every accepted
+//! message reached every intended recipient exactly once and in order. Exits non-zero when the
+//! check finds any loss, duplicate, reordering or misdelivery.
+
+mod checker;
+mod drive;
+mod fleet;
+mod payload;
+mod peers;
+mod report;
+mod scenarios;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use messenger_protocol::client::{Trust, parse_fingerprint};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "messenger-loadtest",
+    version,
+    about = "Load generator and delivery checker for Messenger"
+)]
+struct Cli {
+    /// Daemon address; repeat for several nodes (users are spread round-robin).
+    #[arg(long = "target", default_value = "127.0.0.1:7443", global = true)]
+    targets: Vec<String>,
+    /// CA certificate (PEM) the daemon's certificate chains to.
+    #[arg(long, global = true, conflicts_with = "fingerprint")]
+    ca: Option<PathBuf>,
+    /// Pinned SHA-256 fingerprint of the daemon's certificate (hex, colons allowed).
+    #[arg(long, global = true)]
+    fingerprint: Option<String>,
+    /// Total messages per second over all senders (open loop, latency corrected for
+    /// coordinated omission). Omit for a closed loop: each sender sends as soon as its
+    /// previous message was accepted.
+    #[arg(long, global = true)]
+    rate: Option<f64>,
+    /// Seconds of sending, warm-up included.
+    #[arg(long, default_value_t = 10.0, global = true)]
+    duration: f64,
+    /// Seconds at the start whose latencies and rates are not reported.
+    #[arg(long, default_value_t = 2.0, global = true)]
+    warmup: f64,
+    /// Seconds over which connections are opened (0: as fast as --connect-concurrency allows).
+    #[arg(long, default_value_t = 0.0, global = true)]
+    ramp_up: f64,
+    /// Seconds to wait after sending stops for in-flight deliveries before checking.
+    #[arg(long, default_value_t = 15.0, global = true)]
+    drain: f64,
+    /// Message body size in bytes (at least the 32-byte stamp).
+    #[arg(long, default_value_t = 100, global = true)]
+    body_size: usize,
+    /// Usernames are PREFIX0, PREFIX1, ...
+    #[arg(long, default_value = "lt", global = true)]
+    prefix: String,
+    /// Spread connections over this many source addresses 127.0.0.1, 127.0.0.2, ... (each
+    /// passes its own 64k ports). 0: the OS picks (enough below ~28k connections).
+    #[arg(long, default_value_t = 0, global = true)]
+    source_ips: usize,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 256, global = true)]
+    connect_concurrency: usize,
+    /// Session tokens are kept here between runs, so later runs resume without passwords.
+    #[arg(long, global = true)]
+    token_cache: Option<PathBuf>,
+    /// Seconds between keep-alive pings per connection.
+    #[arg(long, default_value_t = 30.0, global = true)]
+    ping_interval: f64,
+    /// The daemon's pid for its CPU and memory (default: the one running `messengerd`).
+    #[arg(long, global = true)]
+    daemon_pid: Option<u32>,
+    /// Also run these peers with the same workload and report ratios (direct only):
+    /// `mosquitto` (MQTT QoS 1, persistent sessions, TLS) and/or `relay` (no-op TLS relay).
+    #[arg(long, value_delimiter = ',', global = true)]
+    peers: Vec<String>,
+    /// The mosquitto binary for the mosquitto peer.
+    #[arg(long, default_value = "/usr/sbin/mosquitto", global = true)]
+    mosquitto: PathBuf,
+    /// Write the full report as JSON.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// Write p99 latency per second as an SVG plot.
+    #[arg(long, global = true)]
+    plot: Option<PathBuf>,
+    /// Delete the accounts this run used when it ends.
+    #[arg(long, global = true)]
+    cleanup: bool,
+    /// No live progress line.
+    #[arg(long, global = true)]
+    no_progress: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Users in pairs, each sending to its partner.
+    Direct {
+        #[arg(long, default_value_t = 100)]
+        pairs: u32,
+    },
+    /// Groups of SIZE members; SENDERS of each group send to it, everyone else must get it.
+    Group {
+        #[arg(long, default_value_t = 1)]
+        groups: u32,
+        #[arg(long, default_value_t = 100)]
+        size: u32,
+        #[arg(long, default_value_t = 1)]
+        senders: u32,
+    },
+    /// Hold CONNECTIONS authenticated connections with keep-alives; report memory per
+    /// connection in the daemon.
+    Idle {
+        #[arg(long, default_value_t = 1000)]
+        connections: u32,
+    },
+    /// CLIENTS each get BACKLOG messages queued, then all reconnect at once and catch up.
+    Storm {
+        #[arg(long, default_value_t = 1000)]
+        clients: u32,
+        #[arg(long, default_value_t = 100)]
+        backlog: u32,
+    },
+    /// Direct pairs and groups at the same time.
+    Mixed {
+        #[arg(long, default_value_t = 100)]
+        pairs: u32,
+        #[arg(long, default_value_t = 4)]
+        groups: u32,
+        #[arg(long, default_value_t = 50)]
+        size: u32,
+    },
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Tens of thousands of sockets need more than the usual 1024 descriptors.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("warning: could not raise the open-files limit: {e}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let clean = runtime.block_on(run(cli))?;
+    if !clean {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let trust = match (&cli.ca, &cli.fingerprint) {
+        (Some(ca), _) => Trust::CaFile(ca.clone()),
+        (None, Some(fp)) => Trust::Fingerprint(parse_fingerprint(fp)?),
+        (None, None) => {
+            let default = PathBuf::from("messenger-data/tls/dev-ca.pem");
+            anyhow::ensure!(
+                default.exists(),
+                "give --ca FILE or --fingerprint HEX (no {} here)",
+                default.display()
+            );
+            Trust::CaFile(default)
+        }
+    };
+    let planned_connections = match &cli.scenario {
+        Scenario::Direct { pairs } => pairs * 2,
+        Scenario::Group { groups, size, .. } => groups * size,
+        Scenario::Idle { connections } => *connections,
+        Scenario::Storm { clients, .. } => clients + 16,
+        Scenario::Mixed {
+            pairs,
+            groups,
+            size,
+        } => pairs * 2 + groups * size,
+    };
+    let token_cache = cli.token_cache.clone().or_else(|| {
+        std::env::var_os("HOME").map(|h| {
+            PathBuf::from(h)
+                .join(".cache")
+                .join("messenger-loadtest")
+                .join("tokens.json")
+        })
+    });
+    let params = scenarios::Params {
+        fleet: fleet::FleetOptions {
+            targets: cli.targets.clone(),
+            trust,
+            prefix: cli.prefix.clone(),
+            source_ips: fleet::loopback_sources(cli.source_ips),
+            connect_concurrency: cli.connect_concurrency,
+            ramp_gap: secs(cli.ramp_up) / planned_connections.max(1),
+            token_cache,
+            ping_interval: secs(cli.ping_interval),
+            event_buffer: 1024,
+        },
+        rate: cli.rate,
+        duration: secs(cli.duration),
+        warmup: secs(cli.warmup.min(cli.duration / 2.0)),
+        drain: secs(cli.drain),
+        body_size: cli.body_size.max(payload::HEADER_BYTES),
+        daemon_pid: cli.daemon_pid.or_else(stats::find_daemon),
+        progress: !cli.no_progress,
+    };
+    let outcome = match &cli.scenario {
+        Scenario::Direct { pairs } => scenarios::direct::run(&params, *pairs).await?,
+        Scenario::Group {
+            groups,
+            size,
+            senders,
+        } => scenarios::group::run(&params, *groups, *size, *senders).await?,
+        Scenario::Idle { connections } => scenarios::idle::run(&params, *connections).await?,
+        Scenario::Storm { clients, backlog } => {
+            scenarios::storm::run(&params, *clients, *backlog).await?
+        }
+        Scenario::Mixed {
+            pairs,
+            groups,
+            size,
+        } => scenarios::mixed::run(&params, *pairs, *groups, *size).await?,
+    };
+    let mut peer_results = Vec::new();
+    if let Scenario::Direct { pairs } = &cli.scenario {
+        let peer_params = peers::PeerParams {
+            pairs: *pairs as usize,
+            rate: cli.rate,
+            duration: params.duration,
+            warmup: params.warmup,
+            body_size: params.body_size,
+            drain: params.drain,
+        };
+        for peer in &cli.peers {
+            let result = match peer.as_str() {
+                "mosquitto" => peers::mosquitto::run(&peer_params, &cli.mosquitto).await,
+                "relay" => peers::relay::run(&peer_params).await,
+                other => anyhow::bail!("unknown peer {other:?} (mosquitto, relay)"),
+            };
+            peer_results.push(result.with_context(|| format!("peer {peer}"))?);
+        }
+    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let report = report::Report::new(command, outcome, peer_results);
+    print!("{}", report.human());
+    if let Some(path) = &cli.json {
+        report.write_json(path)?;
+    }
+    if let Some(path) = &cli.plot {
+        report.write_plot(path)?;
+    }
+    let o = &report.outcome;
+    let messaging = !matches!(cli.scenario, Scenario::Idle { .. });
+    let clean = o.check.clean()
+        && (!messaging || o.delivered > 0)
+        && report.peers.iter().all(|p| p.check.clean());
+    if cli.cleanup {
+        // The accounts are reconnected (cheaply, by token) and deleted.
+        let (members, _) = fleet::connect(&params.fleet, 0, planned_connections, 1, None).await?;
+        let deleted = fleet::delete_accounts(&params.fleet, members).await;
+        eprintln!("cleanup: deleted {deleted} accounts");
+    }
+    Ok(clean)
+}

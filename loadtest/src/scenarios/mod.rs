@@ -1,0 +1,321 @@
+//! Scenarios: each builds its users and a sending plan, then `run_messaging` drives it and
+//! measures. `idle` and `storm` measure connections and catch-up instead.
+
+pub mod direct;
+pub mod group;
+pub mod idle;
+pub mod mixed;
+pub mod storm;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use messenger_protocol::client::Recipient;
+use serde::Serialize;
+
+use crate::checker::{self, CheckReport, Target};
+use crate::drive::{self, Pace, Run};
+use crate::fleet::{ConnectStats, FleetOptions, Member};
+use crate::stats::{self, LatencySummary, ProcSample, ResourceUse};
+
+/// Options every scenario shares.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub fleet: FleetOptions,
+    /// Total messages per second over all senders (open loop); `None`: closed loop.
+    pub rate: Option<f64>,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub drain: Duration,
+    pub body_size: usize,
+    pub daemon_pid: Option<u32>,
+    pub progress: bool,
+}
+
+/// One sender's part of a plan.
+pub struct Send {
+    pub sender: u32,
+    pub target: Target,
+    pub to: Recipient,
+    /// Deliveries each accepted message owes (recipients other than the sender).
+    pub owes: u64,
+}
+
+/// What a scenario measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Outcome {
+    pub scenario: String,
+    pub users: u64,
+    pub connections: u64,
+    pub measured_secs: f64,
+    pub sent: u64,
+    pub accepted: u64,
+    pub delivered: u64,
+    pub accepted_per_s: f64,
+    pub delivered_per_s: f64,
+    /// Send (intended time) to delivery, per recipient.
+    pub latency: LatencySummary,
+    /// Send to the last recipient having it, per message (group fan-out).
+    pub completion: Option<LatencySummary>,
+    pub connect: Option<ConnectSummary>,
+    pub errors: std::collections::BTreeMap<String, u64>,
+    pub check: CheckReport,
+    pub harness: ResourceUse,
+    pub daemon: Option<ResourceUse>,
+    /// Scenario-specific figures (memory per connection, catch-up time, ...).
+    pub extra: std::collections::BTreeMap<String, f64>,
+    /// p99 latency per second of the run, for the plot.
+    #[serde(skip)]
+    pub timeline_p99_us: Vec<(f64, u64)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConnectSummary {
+    pub connections: u64,
+    pub per_s: f64,
+    pub handshake: LatencySummary,
+    pub ready: LatencySummary,
+    pub logins: u64,
+    pub resumes: u64,
+    pub registrations: u64,
+    pub errors: std::collections::BTreeMap<String, u64>,
+}
+
+impl ConnectSummary {
+    pub fn of(s: &ConnectStats) -> Self {
+        let n = s.ready.len();
+        Self {
+            connections: n,
+            per_s: n as f64 / s.elapsed.as_secs_f64().max(1e-9),
+            handshake: LatencySummary::of(&s.handshake),
+            ready: LatencySummary::of(&s.ready),
+            logins: s.logins,
+            resumes: s.resumes,
+            registrations: s.registrations,
+            errors: s.errors.clone(),
+        }
+    }
+}
+
+/// Samples CPU and memory of the harness and the daemon across a measured window.
+pub struct Meter {
+    pids: Vec<(u32, ProcSample)>,
+    peaks: Vec<u64>,
+    start: Instant,
+}
+
+impl Meter {
+    pub fn start(daemon: Option<u32>) -> Self {
+        let mut pids = vec![std::process::id()];
+        pids.extend(daemon);
+        let samples: Vec<(u32, ProcSample)> = pids
+            .into_iter()
+            .map(|p| (p, stats::sample(p).unwrap_or_default()))
+            .collect();
+        let peaks = samples.iter().map(|(_, s)| s.rss_bytes).collect();
+        Self {
+            pids: samples,
+            peaks,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn tick(&mut self) {
+        for (i, (pid, _)) in self.pids.iter().enumerate() {
+            if let Some(s) = stats::sample(*pid) {
+                self.peaks[i] = self.peaks[i].max(s.rss_bytes);
+            }
+        }
+    }
+
+    /// (harness, daemon)
+    pub fn finish(&self) -> (ResourceUse, Option<ResourceUse>) {
+        let elapsed = self.start.elapsed();
+        let mut uses = self.pids.iter().enumerate().map(|(i, (pid, start))| {
+            let end = stats::sample(*pid).unwrap_or(*start);
+            stats::resource_use(*pid, *start, end, self.peaks[i], elapsed)
+        });
+        let harness = uses.next().unwrap_or_default();
+        (harness, uses.next())
+    }
+}
+
+/// Drives a sending plan over connected members and checks every delivery.
+pub async fn run_messaging(
+    name: &str,
+    params: &Params,
+    members: Vec<Member>,
+    plan: Vec<Send>,
+    groups: Vec<Vec<u32>>,
+) -> anyhow::Result<Outcome> {
+    let run = Run::new(params.body_size, params.warmup);
+    let senders = plan.len().max(1) as f64;
+    let pace = match params.rate {
+        Some(total) => Pace::Open(total / senders),
+        None => Pace::Closed,
+    };
+    let users = members.len() as u64;
+    let mut conns = std::collections::HashMap::new();
+    let mut receivers = Vec::new();
+    for m in members {
+        conns.insert(m.index, m.client.conn().clone());
+        receivers.push(tokio::spawn(drive::receive_loop(
+            run.clone(),
+            m.client,
+            m.index,
+        )));
+    }
+    let mut sender_tasks = Vec::new();
+    for s in plan {
+        let Some(conn) = conns.get(&s.sender).cloned() else {
+            continue;
+        };
+        sender_tasks.push(tokio::spawn(drive::send_loop(
+            run.clone(),
+            conn,
+            s.sender,
+            s.target,
+            s.to,
+            s.owes,
+            pace,
+        )));
+    }
+    drop(conns);
+
+    let bar = progress_bar(params.progress, params.duration);
+    let mut meter = Meter::start(params.daemon_pid);
+    let mut measured_start = None;
+    let mut measured_accepted = 0;
+    let mut measured_delivered = 0;
+    let start = Instant::now();
+    while start.elapsed() < params.duration {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if measured_start.is_none() && start.elapsed() >= params.warmup {
+            measured_start = Some(Instant::now());
+            measured_accepted = run.accepted.load(Ordering::Relaxed);
+            measured_delivered = run.delivered.load(Ordering::Relaxed);
+            meter = Meter::start(params.daemon_pid);
+        }
+        meter.tick();
+        if let Some(b) = &bar {
+            b.set_position(start.elapsed().as_millis() as u64);
+            b.set_message(progress_line(&run, start.elapsed()));
+        }
+    }
+    let measured = measured_start.map_or(Duration::from_millis(1), |s| s.elapsed());
+    let accepted_in_window = run.accepted.load(Ordering::Relaxed) - measured_accepted;
+    let delivered_in_window = run.delivered.load(Ordering::Relaxed) - measured_delivered;
+    let (harness, daemon) = meter.finish();
+    run.stop_sending.cancel();
+    let mut sender_logs = Vec::new();
+    for t in sender_tasks {
+        sender_logs.push(t.await?);
+    }
+    run.drain(params.drain).await;
+    run.stop_receiving.cancel();
+    let mut receiver_logs = Vec::new();
+    for t in receivers {
+        let (log, client) = t.await?;
+        receiver_logs.push(log);
+        client.close().await;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let (check, completion) = checker::check(&sender_logs, &receiver_logs, &groups);
+    let latency = drive::merged_latency(&run);
+    let timeline = run
+        .timeline
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(s, h)| (s as f64, h.value_at_quantile(0.99)))
+        .collect();
+    let secs = measured.as_secs_f64();
+    Ok(Outcome {
+        scenario: name.to_string(),
+        users,
+        connections: users,
+        measured_secs: secs,
+        sent: run.sent.load(Ordering::Relaxed),
+        accepted: run.accepted.load(Ordering::Relaxed),
+        delivered: run.delivered.load(Ordering::Relaxed),
+        accepted_per_s: accepted_in_window as f64 / secs,
+        delivered_per_s: delivered_in_window as f64 / secs,
+        latency: LatencySummary::of(&latency),
+        completion: if groups.is_empty() {
+            None
+        } else {
+            Some(LatencySummary::of(&completion))
+        },
+        connect: None,
+        errors: run.errors.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        check,
+        harness,
+        daemon,
+        extra: Default::default(),
+        timeline_p99_us: timeline,
+    })
+}
+
+pub fn progress_bar(enabled: bool, duration: Duration) -> Option<indicatif::ProgressBar> {
+    if !enabled {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(duration.as_millis() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:20}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(bar)
+}
+
+fn progress_line(run: &Run, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let p99 = run
+        .timeline
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .rev()
+        .nth(1)
+        .filter(|h| !h.is_empty())
+        .map(|h| stats::ms(h.value_at_quantile(0.99)))
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "accepted {:.0}/s  delivered {:.0}/s  p99(last s) {p99}  errors {}",
+        run.accepted.load(Ordering::Relaxed) as f64 / secs,
+        run.delivered.load(Ordering::Relaxed) as f64 / secs,
+        run.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum::<u64>()
+    )
+}
+
+/// Shared by scenarios that log their users in before driving them.
+pub async fn connect_members(
+    params: &Params,
+    first: u32,
+    count: u32,
+) -> anyhow::Result<(Vec<Member>, ConnectSummary)> {
+    let bar = if params.progress {
+        let b = indicatif::ProgressBar::new(u64::from(count));
+        b.set_style(
+            indicatif::ProgressStyle::with_template("connecting {pos}/{len} [{bar:20}] {per_sec}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let (members, stats) =
+        crate::fleet::connect(&params.fleet, first, count, 1, bar.as_ref()).await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok((members, ConnectSummary::of(&stats)))
+}

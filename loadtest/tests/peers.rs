@@ -1,0 +1,151 @@
+//! The comparison peers: the no-op TLS relay and Mosquitto run the `direct` workload cleanly,
+//! and the checker reports loss when the relay drops frames it acknowledged.
+//!
+//! The modules are included by path so these tests build without the rest of the binary.
+
+#[allow(dead_code)]
+#[path = "../src/checker.rs"]
+mod checker;
+#[allow(dead_code)]
+#[path = "../src/payload.rs"]
+mod payload;
+#[allow(dead_code)]
+#[path = "../src/peers/mod.rs"]
+mod peers;
+#[allow(dead_code)]
+#[path = "../src/stats.rs"]
+mod stats;
+
+use std::path::Path;
+use std::time::Duration;
+
+use peers::{PeerParams, PeerResult, mosquitto, relay};
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+fn workload(pairs: usize, rate: f64, duration: Duration, warmup: Duration) -> PeerParams {
+    PeerParams {
+        pairs,
+        rate: Some(rate),
+        duration,
+        warmup,
+        body_size: 100,
+        drain: Duration::from_secs(3),
+    }
+}
+
+fn show(r: &PeerResult) {
+    eprintln!(
+        "{}: accepted {} ({:.0}/s), delivered {} ({:.0}/s), latency {}, harness CPU {:.0}%, peer CPU {:?}%, \
+         peer RSS {:?} MiB\n  check {:?}\n  errors {:?}",
+        r.name,
+        r.accepted,
+        r.accepted_per_s,
+        r.delivered,
+        r.delivered_per_s,
+        r.latency.human(),
+        r.harness_cpu_percent,
+        r.peer_cpu_percent.map(|c| c.round()),
+        r.peer_rss_mib.map(|m| (m * 10.0).round() / 10.0),
+        r.check,
+        r.errors,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_workload_is_clean_and_measured() {
+    let params = workload(
+        20,
+        2000.0,
+        Duration::from_secs(2),
+        Duration::from_millis(500),
+    );
+    let r = relay::run(&params).await.expect("relay run");
+    show(&r);
+    assert!(r.check.clean(), "{:?}", r.check);
+    assert!(r.delivered > 0);
+    assert!(r.latency.count > 0);
+    assert_eq!(r.check.failed_sends, 0, "{:?}", r.errors);
+    // 2000 msgs/s for 2 s: about 4000 accepted, 3000 of them in the measured window.
+    assert!(r.check.accepted_messages > 3000, "{:?}", r.check);
+    assert!(
+        r.accepted > 2000 && r.accepted <= r.check.accepted_messages,
+        "{r:?}"
+    );
+    assert_eq!(r.check.delivered, r.check.accepted_messages);
+    assert!(r.peer_cpu_percent.is_some());
+    assert!(r.peer_rss_mib.is_none(), "the relay runs in-process");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_reports_loss_when_the_relay_drops_frames() {
+    let params = PeerParams {
+        drain: Duration::from_secs(1),
+        ..workload(
+            20,
+            2000.0,
+            Duration::from_secs(2),
+            Duration::from_millis(500),
+        )
+    };
+    let r = relay::run_with(&params, Some(50)).await.expect("relay run");
+    show(&r);
+    assert!(r.check.lost > 0, "{:?}", r.check);
+    assert!(!r.check.clean());
+    // Every 50th forwarded frame was dropped yet acknowledged: about 2% of the accepted ones.
+    let expected = r.check.accepted_messages / 50;
+    assert!(
+        r.check.lost + 1 >= expected && r.check.lost <= expected + 1,
+        "lost {} of {}",
+        r.check.lost,
+        r.check.accepted_messages
+    );
+    assert_eq!(
+        r.check.duplicates + r.check.misdelivered,
+        0,
+        "{:?}",
+        r.check
+    );
+}
+
+#[test]
+fn the_relay_acknowledges_dropped_frames_and_counts_them() {
+    let relay = relay::Relay::start(Some(3)).expect("relay");
+    assert!(!relay.ca_pem.is_empty());
+    assert_eq!(relay.dropped(), 0);
+    relay.stop();
+    assert!(relay::Relay::start(Some(0)).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_qos1_workload_is_clean() {
+    assert!(
+        Path::new(MOSQUITTO).exists(),
+        "Mosquitto is required for this test but {MOSQUITTO} is missing: install the `mosquitto` package"
+    );
+    let params = workload(
+        20,
+        1000.0,
+        Duration::from_secs(2),
+        Duration::from_millis(500),
+    );
+    let r = mosquitto::run(&params, Path::new(MOSQUITTO))
+        .await
+        .expect("mosquitto run");
+    show(&r);
+    assert!(r.check.clean(), "{:?}", r.check);
+    assert!(r.delivered > 0);
+    assert!(r.latency.count > 0);
+    assert_eq!(r.check.failed_sends, 0, "{:?}", r.errors);
+    assert_eq!(r.check.delivered, r.check.accepted_messages);
+    assert!(r.peer_cpu_percent.is_some() && r.peer_rss_mib.is_some());
+}
+
+#[tokio::test]
+async fn a_missing_mosquitto_binary_is_a_clear_error() {
+    let params = workload(1, 10.0, Duration::from_secs(1), Duration::ZERO);
+    let e = mosquitto::run(&params, Path::new("/nonexistent/mosquitto"))
+        .await
+        .expect_err("no broker");
+    assert!(e.to_string().contains("not found"), "{e:#}");
+}
