@@ -261,6 +261,7 @@ async fn sigterm_sends_go_away_and_a_restarted_daemon_keeps_every_message() {
     };
 
     let (child, addr) = spawn();
+    let guard = KillOnDrop(Some(child));
     let mut alice = Client::connect(options(&addr)).await.expect("connect");
     alice
         .register("alice", common::PASSWORD, "")
@@ -282,8 +283,9 @@ async fn sigterm_sends_go_away_and_a_restarted_daemon_keeps_every_message() {
             .await
             .expect("send");
     }
+    let pid = guard.0.as_ref().map(|c| c.id()).expect("child");
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &pid.to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
@@ -295,14 +297,16 @@ async fn sigterm_sends_go_away_and_a_restarted_daemon_keeps_every_message() {
         }
     };
     assert!(go_away.reconnect_after_ms >= 1_000);
-    let mut child = child;
+    let mut guard = guard;
+    let mut child = guard.0.take().expect("child");
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
         .expect("join")
         .expect("wait");
     assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");
 
-    let (mut child, addr) = spawn();
+    let (child, addr) = spawn();
+    let _guard = KillOnDrop(Some(child));
     let mut bob = Client::connect(options(&addr)).await.expect("connect");
     bob.login("bob", common::PASSWORD, "d")
         .await
@@ -310,6 +314,16 @@ async fn sigterm_sends_go_away_and_a_restarted_daemon_keeps_every_message() {
     let got = deliveries(&mut bob, 5).await;
     let texts: Vec<String> = got.iter().map(text).collect();
     assert_eq!(texts, ["0", "1", "2", "3", "4"]);
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+/// Kills the daemon child even when an assertion fails first.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
