@@ -25,6 +25,7 @@ use crate::metrics;
 use crate::model::{Appended, InboxEntry, NewMessage, Seq};
 use crate::state::Shared;
 use crate::store::StoreResult;
+use crate::writer::Outbound;
 
 /// Inbox entries read per store round trip while catching up.
 const CATCH_UP_PAGE: usize = 128;
@@ -52,7 +53,7 @@ pub async fn accept(shared: &Shared, message: NewMessage) -> StoreResult<Appende
 struct Pump {
     shared: Arc<Shared>,
     handle: Arc<ConnHandle>,
-    out: mpsc::Sender<pb::ServerFrame>,
+    out: Outbound,
     last: Seq,
 }
 
@@ -63,7 +64,7 @@ pub async fn pump(
     handle: Arc<ConnHandle>,
     mut live: mpsc::Receiver<InboxEntry>,
     acked: Seq,
-    out: mpsc::Sender<pb::ServerFrame>,
+    out: Outbound,
     closing: CancellationToken,
 ) {
     let mut pump = Pump {
@@ -142,7 +143,7 @@ impl Pump {
             request_id: 0,
             kind: Some(pb::server_frame::Kind::Delivery(pb::Delivery::from(entry))),
         };
-        self.out.send(frame).await.map_err(|_| PumpEnd::Closed)?;
+        self.out.send(&frame).await.map_err(|_| PumpEnd::Closed)?;
         self.last = entry.seq;
         metrics::delivered(1);
         Ok(())

@@ -11,6 +11,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.load()?;
     init_logging(config.log_format);
+    // Every connection is a descriptor: use all the process may have (the hard limit).
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -211,7 +211,10 @@ async fn handle_connection(
 ) {
     let _ = tcp.set_nodelay(true);
     let deadline = Instant::now() + shared.config.timeouts.handshake();
-    let stream = match tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp)).await {
+    // Boxed: the handshake's state (a whole rustls connection) would otherwise stay part of
+    // every connection task's size for the connection's whole life.
+    let accept = Box::pin(tls.acceptor.accept(tcp));
+    let stream = match tokio::time::timeout_at(deadline, accept).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "tls handshake failed");

@@ -20,7 +20,6 @@ use messenger_protocol::pb::{self, client_frame::Kind as Req, server_frame::Kind
 use messenger_protocol::{CodecError, ErrorCode, PROTOCOL_VERSION, WireError};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
@@ -38,6 +37,8 @@ use crate::writer;
 /// Frames queued for the writer; small, because the writer coalesces whatever is queued into
 /// one TLS write and back-pressure should reach the pump quickly.
 const OUTBOUND_FRAMES: usize = 64;
+/// Initial read buffer of a connection, in bytes.
+const READ_BUFFER_START: usize = 512;
 
 /// The authenticated part of a session.
 pub(crate) struct Authed {
@@ -50,7 +51,7 @@ pub(crate) struct Authed {
 pub(crate) struct Session {
     pub shared: Arc<Shared>,
     pub peer: SocketAddr,
-    pub out: mpsc::Sender<pb::ServerFrame>,
+    pub out: writer::Outbound,
     pub auth: Option<Authed>,
     pub send_bucket: TokenBucket,
     /// Cancelled when the connection must end (writer failure, pump failure).
@@ -81,27 +82,36 @@ pub(crate) fn ok(resp: Resp) -> Handled {
 
 /// Runs one connection to its end. `shutdown` is the server's; `handshake_deadline` bounds
 /// TLS plus `Hello`.
-pub async fn run<S>(
+///
+/// Not an `async fn`: the stream is split before the future is built, so the future (which
+/// lives as long as the connection) holds two pointers instead of the whole TLS stream.
+pub fn run<S>(
     shared: Arc<Shared>,
     stream: S,
     peer: SocketAddr,
     shutdown: CancellationToken,
     handshake_deadline: Instant,
-) where
+) -> impl Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let span = info_span!("conn", %peer, user = tracing::field::Empty);
+    let (rd, wr) = tokio::io::split(stream);
     async move {
         let limits = &shared.config.limits;
-        let (rd, wr) = tokio::io::split(stream);
-        let mut frames = FramedRead::new(rd, ServerCodec::new(limits.max_frame_bytes));
-        let (out, out_rx) = mpsc::channel(OUTBOUND_FRAMES);
+        // Start the read buffer small: an idle connection should not hold 8 KiB it never
+        // uses; it grows to the largest frame actually received.
+        let mut frames = FramedRead::with_capacity(
+            rd,
+            ServerCodec::new(limits.max_frame_bytes),
+            READ_BUFFER_START,
+        );
+        let (out, out_rx) = writer::channel(OUTBOUND_FRAMES, limits.max_frame_bytes);
         let closing = CancellationToken::new();
         let writer = tokio::spawn(
             writer::run(
                 wr,
                 out_rx,
-                limits.max_frame_bytes,
                 shared.config.timeouts.write_stall(),
                 closing.clone(),
             )
@@ -134,7 +144,6 @@ pub async fn run<S>(
         debug!("connection closed");
     }
     .instrument(span)
-    .await;
 }
 
 impl Session {
@@ -437,13 +446,13 @@ impl Session {
             )));
         }
         // A closed channel means the writer is gone: the connection is over anyway.
-        let _ = self.out.send(frame).await;
+        let _ = self.out.send(&frame).await;
     }
 
     async fn go_away(&self, go_away: pb::GoAway) {
         let _ = self
             .out
-            .send(pb::ServerFrame {
+            .send(&pb::ServerFrame {
                 request_id: 0,
                 kind: Some(Resp::GoAway(go_away)),
             })

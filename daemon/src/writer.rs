@@ -1,13 +1,14 @@
-//! The only code that writes to a connection's socket. It drains the connection's outbound
-//! queue, coalescing every frame already waiting into one buffer so a burst of deliveries
-//! costs one TLS record series and one syscall instead of one per frame.
+//! The only code that writes to a connection's socket. Frames reach it already encoded (so
+//! each queue slot is a small `Bytes`, not a whole message: an idle connection's queue costs
+//! little), and it coalesces every frame already waiting into one buffer, so a burst of
+//! deliveries costs one TLS record series and one syscall instead of one per frame.
 //!
 //! A socket that accepts no bytes for `stall` is given up on: the connection closes and the
 //! device later resumes from its acknowledged cursor, so nothing is lost.
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use messenger_protocol::codec::encode_frame;
 use messenger_protocol::pb;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -22,10 +23,44 @@ const COALESCE_BYTES: usize = 64 * 1024;
 /// Buffers that grew past this during a burst are released instead of kept per connection.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
+/// The sending side of a connection's outbound queue; encodes on the caller's task.
+#[derive(Clone)]
+pub struct Outbound {
+    tx: mpsc::Sender<Bytes>,
+    max_frame_bytes: usize,
+}
+
+#[derive(Debug)]
+pub struct Closed;
+
+impl Outbound {
+    /// Queues one frame, waiting while the queue is full (back-pressure). A frame that cannot
+    /// be encoded within the frame limit is dropped with a warning (callers keep responses
+    /// within it; deliveries are bounded by the body limit).
+    pub async fn send(&self, frame: &pb::ServerFrame) -> Result<(), Closed> {
+        let mut buf = BytesMut::new();
+        if let Err(e) = encode_frame(frame, self.max_frame_bytes, &mut buf) {
+            warn!(error = %e, "dropping an unencodable outbound frame");
+            return Ok(());
+        }
+        self.tx.send(buf.freeze()).await.map_err(|_| Closed)
+    }
+}
+
+pub fn channel(capacity: usize, max_frame_bytes: usize) -> (Outbound, mpsc::Receiver<Bytes>) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (
+        Outbound {
+            tx,
+            max_frame_bytes,
+        },
+        rx,
+    )
+}
+
 pub async fn run<W>(
     mut wr: W,
-    mut rx: mpsc::Receiver<pb::ServerFrame>,
-    max_frame_bytes: usize,
+    mut rx: mpsc::Receiver<Bytes>,
     stall: Duration,
     closing: CancellationToken,
 ) where
@@ -36,10 +71,8 @@ pub async fn run<W>(
         let mut frames = 0u64;
         let mut next = Some(first);
         while let Some(frame) = next.take() {
-            match encode_frame(&frame, max_frame_bytes, &mut buf) {
-                Ok(()) => frames += 1,
-                Err(e) => warn!(error = %e, "dropping an unencodable outbound frame"),
-            }
+            buf.extend_from_slice(&frame);
+            frames += 1;
             if buf.len() < COALESCE_BYTES {
                 next = rx.try_recv().ok();
             }
