@@ -462,4 +462,11 @@ mod tests {
         c.limits.max_frame_bytes = c.limits.max_body_bytes;
         assert!(c.validate().is_err());
     }
+
+    #[test]
+    fn the_shipped_benchmark_configuration_is_valid() {
+        let c: Config = toml::from_str(include_str!("../../loadtest/bench.toml")).expect("parse");
+        assert!(c.validate().is_ok());
+        assert!(c.limits.messages_per_second > Limits::default().messages_per_second);
+    }
 }
