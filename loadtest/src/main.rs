@@ -4,6 +4,7 @@
 //! check finds any loss, duplicate, reordering or misdelivery.
 
 mod checker;
+mod daemon_metrics;
 mod drive;
 mod fleet;
 mod payload;
@@ -71,6 +72,9 @@ struct Cli {
     /// Seconds between keep-alive pings per connection.
     #[arg(long, default_value_t = 30.0, global = true)]
     ping_interval: f64,
+    /// The daemon's admin address; its counters are reported as deltas over the run.
+    #[arg(long, default_value = "127.0.0.1:7480", global = true)]
+    admin: String,
     /// The daemon's pid for its CPU and memory (default: the one running `messengerd`).
     #[arg(long, global = true)]
     daemon_pid: Option<u32>,
@@ -218,7 +222,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         daemon_pid: cli.daemon_pid.or_else(stats::find_daemon),
         progress: !cli.no_progress,
     };
-    let outcome = match &cli.scenario {
+    let metrics_before = daemon_metrics::scrape(&cli.admin).await;
+    let mut outcome = match &cli.scenario {
         Scenario::Direct { pairs } => scenarios::direct::run(&params, *pairs).await?,
         Scenario::Group {
             groups,
@@ -235,6 +240,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             size,
         } => scenarios::mixed::run(&params, *pairs, *groups, *size).await?,
     };
+    if let (Some(before), Some(after)) = (&metrics_before, daemon_metrics::scrape(&cli.admin).await)
+    {
+        outcome.daemon_metrics = daemon_metrics::delta(before, &after);
+    }
     let mut peer_results = Vec::new();
     if let Scenario::Direct { pairs } = &cli.scenario {
         let peer_params = peers::PeerParams {

@@ -113,6 +113,12 @@ impl Report {
         for (k, v) in &o.errors {
             row("error", format!("{k}: {v}"));
         }
+        for (k, v) in &o.daemon_metrics {
+            row(
+                k.trim_start_matches("messenger_"),
+                format!("{v:.0} (daemon, during the run)"),
+            );
+        }
         row("harness", resource(&o.harness));
         if let Some(d) = &o.daemon {
             row("daemon", resource(d));

@@ -30,6 +30,7 @@ fn loadtest(server: &RunningServer, dir: &Path, args: &[&str]) -> serde_json::Va
     let ca = server.dev_ca.clone().expect("dev CA");
     let out = Command::new(env!("CARGO_BIN_EXE_messenger-loadtest"))
         .args(["--target", &server.addr.to_string()])
+        .args(["--admin", &server.admin_addr.to_string()])
         .arg("--ca")
         .arg(&ca)
         .arg("--token-cache")
@@ -79,6 +80,14 @@ async fn the_harness_checks_every_scenario_end_to_end_with_zero_loss() {
         loadtest(s, &d, &a)
     });
     assert_clean(&direct);
+    // The daemon's own counters agree with the harness.
+    let accepted = direct["outcome"]["accepted"].as_f64();
+    assert_eq!(
+        direct["outcome"]["daemon_metrics"]["messenger_messages_accepted_total"].as_f64(),
+        accepted,
+        "{}",
+        direct["outcome"]["daemon_metrics"]
+    );
 
     let group = tokio::task::block_in_place(|| {
         let mut a = vec![

@@ -62,6 +62,8 @@ pub struct Outcome {
     pub check: CheckReport,
     pub harness: ResourceUse,
     pub daemon: Option<ResourceUse>,
+    /// The daemon's own counters over the run (from its /metrics), when reachable.
+    pub daemon_metrics: std::collections::BTreeMap<String, f64>,
     /// Scenario-specific figures (memory per connection, catch-up time, ...).
     pub extra: std::collections::BTreeMap<String, f64>,
     /// p99 latency per second of the run, for the plot.
@@ -256,6 +258,7 @@ pub async fn run_messaging(
         harness,
         daemon,
         extra: Default::default(),
+        daemon_metrics: Default::default(),
         timeline_p99_us: timeline,
     })
 }
