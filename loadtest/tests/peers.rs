@@ -108,12 +108,74 @@ async fn the_checker_reports_loss_when_the_relay_drops_frames() {
     );
 }
 
-#[test]
-fn the_relay_acknowledges_dropped_frames_and_counts_them() {
-    let relay = relay::Relay::start(Some(3)).expect("relay");
-    assert!(!relay.ca_pem.is_empty());
-    assert_eq!(relay.dropped(), 0);
-    relay.stop();
+/// A raw client of the relay, trusting it through `Relay::ca_pem` only.
+async fn raw_client(
+    relay: &relay::Relay,
+    me: u32,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&relay.ca_pem) {
+        roots.add(cert.expect("CA PEM")).expect("CA");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![relay::ALPN.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+        .expect("TLS");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(relay::ALPN));
+    tls.write_all(&me.to_be_bytes()).await.expect("register");
+    let mut ack = [0u8; 8];
+    tls.read_exact(&mut ack).await.expect("registration ack");
+    assert_eq!(ack, [0, 0, 0, 4, 0xFF, 0xFF, 0xFF, 0xFF]);
+    tls
+}
+
+#[tokio::test]
+async fn the_relay_forwards_frames_acks_them_and_drops_only_when_told() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = relay::Relay::start(Some(2)).expect("relay");
+    let mut a = raw_client(&relay, 7).await;
+    let mut b = raw_client(&relay, 8).await;
+    let frame = |to: u32, payload: &[u8]| {
+        let mut f = ((4 + payload.len()) as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&to.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    // The first frame is forwarded as [length][source][payload] and acknowledged; the second
+    // is dropped (drop_every = 2) yet acknowledged all the same; the third is forwarded.
+    for payload in [&b"one"[..], b"two", b"three"] {
+        a.write_all(&frame(8, payload)).await.expect("send");
+        let mut ack = [0u8; 8];
+        a.read_exact(&mut ack).await.expect("ack");
+        assert_eq!(ack, [0, 0, 0, 4, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+    for payload in [&b"one"[..], b"three"] {
+        let mut got = vec![0u8; 8 + payload.len()];
+        b.read_exact(&mut got).await.expect("forwarded");
+        assert_eq!(got, frame(7, payload));
+    }
+    // A frame to nobody is refused (and not counted towards drop_every).
+    a.write_all(&frame(99, b"x")).await.expect("send");
+    let mut nack = [0u8; 8];
+    a.read_exact(&mut nack).await.expect("nack");
+    assert_eq!(nack, [0, 0, 0, 4, 0xFF, 0xFF, 0xFF, 0xFE]);
+    assert_eq!(relay.dropped(), 1);
+    assert_eq!(relay.forwarded(), 3);
+    tokio::task::spawn_blocking(move || relay.stop())
+        .await
+        .expect("stop");
     assert!(relay::Relay::start(Some(0)).is_err());
 }
 

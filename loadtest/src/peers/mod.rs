@@ -268,13 +268,14 @@ pub(crate) async fn drive<P: Peer>(
         })
         .buffer_unordered(CONNECT_CONCURRENCY);
     let mut senders: Vec<Option<P::Sender>> = (0..users).map(|_| None).collect();
-    let mut tasks = Vec::new();
+    // Aborted however this function ends, so no connection outlives the run.
+    let mut tasks = AbortOnDrop(Vec::new());
     let mut failure = None;
     while let Some((u, result)) = connected.next().await {
         match result {
             Ok(c) => {
                 senders[u as usize] = Some(c.sender);
-                tasks.extend(c.tasks);
+                tasks.0.extend(c.tasks);
             }
             Err(e) => {
                 failure = Some(e.context(format!("{name}: connecting user {u}")));
@@ -284,7 +285,6 @@ pub(crate) async fn drive<P: Peer>(
     }
     drop(connected);
     if let Some(e) = failure {
-        tasks.iter().for_each(JoinHandle::abort);
         return Err(e);
     }
 
@@ -293,14 +293,14 @@ pub(crate) async fn drive<P: Peer>(
     let interval = params
         .rate
         .map(|rate| Duration::from_secs_f64(2.0 * params.pairs as f64 / rate));
-    let mut send_tasks = Vec::with_capacity(users as usize);
+    let mut send_tasks = AbortOnDrop(Vec::with_capacity(users as usize));
     for (u, sender) in senders.into_iter().enumerate() {
         let sender = sender.context("a user was not connected")?;
         let phase = interval.map(|i| {
             let ns = i.as_nanos().min(u64::MAX as u128) as u64;
             Duration::from_nanos(rand::rng().random_range(0..ns.max(1)))
         });
-        send_tasks.push(tokio::spawn(send_loop(
+        send_tasks.0.push(tokio::spawn(send_loop(
             sender,
             u as u32,
             shared.clone(),
@@ -327,7 +327,7 @@ pub(crate) async fn drive<P: Peer>(
 
     let mut sender_logs = Vec::with_capacity(users as usize);
     let mut measured_accepted = 0;
-    for t in send_tasks {
+    for t in send_tasks.0.iter_mut() {
         let (log, in_window) = t.await.context("a sender task panicked")?;
         sender_logs.push(log);
         measured_accepted += in_window;
@@ -340,8 +340,8 @@ pub(crate) async fn drive<P: Peer>(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(SETTLE).await;
-    tasks.iter().for_each(JoinHandle::abort);
-    for t in tasks {
+    tasks.0.iter().for_each(JoinHandle::abort);
+    for t in tasks.0.iter_mut() {
         let _ = t.await;
     }
 
@@ -389,6 +389,15 @@ pub(crate) async fn drive<P: Peer>(
     })
 }
 
+/// Aborts its tasks when dropped.
+struct AbortOnDrop<T>(Vec<JoinHandle<T>>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.iter().for_each(JoinHandle::abort);
+    }
+}
+
 /// One user's sender. Returns its log and how many of its accepted messages were meant to be
 /// sent in the measured window.
 async fn send_loop<S: PeerSender>(
@@ -408,6 +417,9 @@ async fn send_loop<S: PeerSender>(
     let mut in_window = 0;
     let end = epoch + duration;
     let mut seq = 0u64;
+    if schedule.is_none() {
+        tokio::time::sleep_until(epoch.into()).await;
+    }
     loop {
         let intended = match schedule {
             Some((interval, phase)) => {
@@ -418,10 +430,7 @@ async fn send_loop<S: PeerSender>(
                 tokio::time::sleep_until(at.into()).await;
                 at
             }
-            None => {
-                tokio::time::sleep_until(epoch.into()).await;
-                Instant::now()
-            }
+            None => Instant::now(),
         };
         // A sender that fell behind its schedule does not send past the end.
         if Instant::now() >= end {

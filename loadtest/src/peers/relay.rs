@@ -38,8 +38,9 @@ pub const ALPN: &[u8] = b"messenger/1";
 pub const ACK: u32 = 0xFFFF_FFFF;
 /// Source index of a refusal frame (destination not connected).
 pub const NACK: u32 = 0xFFFF_FFFE;
-/// Largest `length` field accepted; longer frames close the connection.
-pub const MAX_FRAME: usize = 1024 * 1024;
+/// Largest `length` field accepted (destination index + payload); longer frames close the
+/// connection. With at most `OUTBOUND_FRAMES` queued, a connection's queue holds at most 4 MiB.
+pub const MAX_FRAME: usize = 64 * 1024 + 4;
 
 /// Frames queued per connection before forwarding into it waits (as in the daemon).
 const OUTBOUND_FRAMES: usize = 64;
@@ -151,7 +152,7 @@ impl Relay {
         })
     }
 
-    /// Frames forwarded (or, with `drop_every`, dropped) so far.
+    /// Frames to a connected destination so far, forwarded or (with `drop_every`) dropped.
     #[allow(dead_code)] // used by tests/peers.rs
     pub fn forwarded(&self) -> u64 {
         self.shared.forwarded.load(Ordering::Relaxed)
@@ -174,12 +175,7 @@ impl Relay {
         if tids.is_empty() {
             return None;
         }
-        Some(
-            tids.iter()
-                .filter_map(|&t| crate::stats::sample(t))
-                .map(|s| s.cpu_secs)
-                .sum(),
-        )
+        Some(tids.iter().filter_map(|&t| thread_cpu_secs(t)).sum())
     }
 
     /// A client configuration trusting this relay (aws-lc-rs, ALPN `messenger/1`).
@@ -204,6 +200,18 @@ impl Drop for Relay {
             let _ = s.send(());
         }
     }
+}
+
+/// CPU seconds of one thread of this process, from /proc/self/task/<tid>/stat (`/proc/<tid>`
+/// would show the whole process).
+fn thread_cpu_secs(tid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Clock ticks of 1/100 s, as in `stats::sample`.
+    Some((utime + stime) / 100.0)
 }
 
 fn record_tid(shared: &RelayShared) {
@@ -290,13 +298,7 @@ async fn forward_loop<R: AsyncRead + Unpin>(
             let mut frame = buf.split_to(4 + len);
             let dest = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
             frame[4..8].copy_from_slice(&me.to_be_bytes());
-            let n = shared.forwarded.fetch_add(1, Ordering::Relaxed) + 1;
-            let ok = if shared.drop_every.is_some_and(|every| n % every == 0) {
-                shared.dropped.fetch_add(1, Ordering::Relaxed);
-                true
-            } else {
-                forward(dest, frame.freeze(), &mut cache, shared).await
-            };
+            let ok = forward(dest, frame.freeze(), &mut cache, shared).await;
             let reply = if ok { &ACK_FRAME } else { &NACK_FRAME };
             outbox.send(Bytes::from_static(reply)).await?;
         }
@@ -309,7 +311,8 @@ async fn forward_loop<R: AsyncRead + Unpin>(
     }
 }
 
-/// Queues `frame` for `dest`; false when `dest` is not connected.
+/// Queues `frame` for `dest` (or, every `drop_every`-th time, pretends to); false when `dest`
+/// is not connected.
 async fn forward(
     dest: u32,
     frame: Bytes,
@@ -317,6 +320,7 @@ async fn forward(
     shared: &RelayShared,
 ) -> bool {
     let mut frame = frame;
+    let mut counted = false;
     for _ in 0..2 {
         let out = match cache.get(&dest) {
             Some(o) => o.clone(),
@@ -336,6 +340,17 @@ async fn forward(
                 }
             }
         };
+        if !counted {
+            counted = true;
+            let n = shared.forwarded.fetch_add(1, Ordering::Relaxed) + 1;
+            if shared
+                .drop_every
+                .is_some_and(|every| n.is_multiple_of(every))
+            {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
         match out.send(frame).await {
             Ok(()) => return true,
             // The destination went away (or reconnected): look it up again once.
@@ -377,6 +392,12 @@ pub async fn run(params: &PeerParams) -> anyhow::Result<PeerResult> {
 /// Runs the workload against a fresh relay that drops every n-th frame when `drop_every` is
 /// set (the checker must then report loss).
 pub async fn run_with(params: &PeerParams, drop_every: Option<u64>) -> anyhow::Result<PeerResult> {
+    if params.body_size.max(crate::payload::HEADER_BYTES) + 4 > MAX_FRAME {
+        bail!(
+            "the relay carries bodies of at most {} bytes",
+            MAX_FRAME - 4
+        );
+    }
     let relay = Relay::start(drop_every)?;
     let peer = RelayPeer {
         connector: TlsConnector::from(Arc::new(relay.client_config()?)),
