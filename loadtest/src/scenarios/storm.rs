@@ -143,16 +143,18 @@ pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<
             while (log.seen.len() as u64) < want && Instant::now() < deadline {
                 match tokio::time::timeout(Duration::from_secs(1), c.next_event()).await {
                     Ok(Some(Event::Delivery(d))) => {
-                        if let Some(s) = d.message.as_ref().and_then(|m| Stamp::decode(&m.body)) {
-                            if s.run == run.id && log.arrived(s.sender, s.seq, 0) {
-                                run.delivered.fetch_add(1, Ordering::Relaxed);
-                            }
+                        let stamp = d.message.as_ref().and_then(|m| Stamp::decode(&m.body));
+                        if let Some(s) = stamp
+                            && s.run == run.id
+                            && log.arrived(s.sender, s.seq, 0)
+                        {
+                            run.delivered.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Ok(Some(Event::Closed { .. })) | Ok(None) => {
-                        if c.reconnect_with_backoff(10).await.is_err() {
-                            break;
-                        }
+                    Ok(Some(Event::Closed { .. })) | Ok(None)
+                        if c.reconnect_with_backoff(10).await.is_err() =>
+                    {
+                        break;
                     }
                     _ => {}
                 }
