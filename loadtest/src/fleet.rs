@@ -212,7 +212,7 @@ async fn connect_one(
     };
     let username = format!("{}{index}", opts.prefix);
     let cache_key = format!("{username}#{device}");
-    let co = opts.connect_options(index as usize * 7 + device as usize);
+    let co = opts.connect_options(index as usize + device as usize);
     let target = co.addr.clone();
     let t0 = Instant::now();
     let mut client = match Client::connect(co).await {

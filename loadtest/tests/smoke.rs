@@ -107,6 +107,15 @@ async fn the_harness_checks_every_scenario_end_to_end_with_zero_loss() {
     assert_clean(&group);
     assert!(group["outcome"]["completion"]["count"].as_u64() > Some(0));
 
+    let mixed = tokio::task::block_in_place(|| {
+        let mut a = vec![
+            "mixed", "--pairs", "20", "--groups", "2", "--size", "10", "--rate", "400",
+        ];
+        a.extend(common);
+        loadtest(s, &d, &a)
+    });
+    assert_clean(&mixed);
+
     let storm = tokio::task::block_in_place(|| {
         let mut a = vec!["storm", "--clients", "200", "--backlog", "10"];
         a.extend(common);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use messenger_protocol::client::Recipient;
 use serde::Serialize;
+use std::collections::HashMap;
 
 use crate::checker::{self, CheckReport, Target};
 use crate::drive::{self, Pace, Run};
@@ -33,7 +34,7 @@ pub struct Params {
 }
 
 /// One sender's part of a plan.
-pub struct Send {
+pub struct Sender {
     pub sender: u32,
     pub target: Target,
     pub to: Recipient,
@@ -147,7 +148,7 @@ pub async fn run_messaging(
     name: &str,
     params: &Params,
     members: Vec<Member>,
-    plan: Vec<Send>,
+    plan: Vec<Sender>,
     groups: Vec<Vec<u32>>,
 ) -> anyhow::Result<Outcome> {
     let run = Run::new(params.body_size, params.warmup);
@@ -321,4 +322,66 @@ pub async fn connect_members(
         b.finish_and_clear();
     }
     Ok((members, ConnectSummary::of(&stats)))
+}
+
+/// Users `first..first + 2 * pairs` in pairs (2i, 2i+1), each sending to its partner.
+pub fn pair_plan(members: &[Member], first: u32, pairs: u32) -> Vec<Sender> {
+    let ids: HashMap<u32, u64> = members.iter().map(|m| (m.index, m.user_id)).collect();
+    (first..first + pairs * 2)
+        .filter(|i| ids.contains_key(i))
+        .filter_map(|i| {
+            let partner = first + ((i - first) ^ 1);
+            ids.get(&partner).map(|&partner_id| Sender {
+                sender: i,
+                target: Target::User(partner),
+                to: Recipient::User(partner_id),
+                owes: 1,
+            })
+        })
+        .collect()
+}
+
+/// Creates `groups` groups of `size` consecutive users starting at `first` (the first member
+/// creates each and is its admin); `senders` members of each send to it. Returns the plan and,
+/// per group, its member indices (for the checker).
+pub async fn group_plan(
+    members: &[Member],
+    first: u32,
+    groups: u32,
+    size: u32,
+    senders: u32,
+    name: &str,
+) -> anyhow::Result<(Vec<Sender>, Vec<Vec<u32>>)> {
+    let by_index: HashMap<u32, &Member> = members.iter().map(|m| (m.index, m)).collect();
+    let mut plan = Vec::new();
+    let mut group_members = Vec::new();
+    for g in 0..groups {
+        let base = first + g * size;
+        let indices: Vec<u32> = (base..base + size)
+            .filter(|i| by_index.contains_key(i))
+            .collect();
+        let Some(admin) = indices.first().and_then(|i| by_index.get(i)) else {
+            continue;
+        };
+        let others: Vec<u64> = indices[1..]
+            .iter()
+            .filter_map(|i| by_index.get(i).map(|m| m.user_id))
+            .collect();
+        let group = admin
+            .client
+            .conn()
+            .create_group(&format!("{name}-{g}"), &others)
+            .await?;
+        let owes = indices.len().saturating_sub(1) as u64;
+        for &i in indices.iter().take(senders.max(1) as usize) {
+            plan.push(Sender {
+                sender: i,
+                target: Target::Group(group_members.len() as u32),
+                to: Recipient::Group(group.group_id),
+                owes,
+            });
+        }
+        group_members.push(indices);
+    }
+    Ok((plan, group_members))
 }
