@@ -12,9 +12,6 @@ CREATE TABLE users (
     username_key  TEXT    NOT NULL UNIQUE,
     display_name  TEXT    NOT NULL,
     password_hash TEXT    NOT NULL,
-    -- Highest inbox seq handed out to this user. Bumped inside the append transaction, so seq
-    -- order is commit order and a cursor never skips a late-committing entry.
-    last_seq      INTEGER NOT NULL DEFAULT 0,
     -- Highest seq any device of the user acknowledged. A new device (a fresh login) starts its
     -- cursor here: it receives what no device has seen yet, and reads older messages through
     -- history instead of replaying the whole inbox.
@@ -46,10 +43,6 @@ CREATE TABLE messages (
     sender_display_name TEXT    NOT NULL,
     to_user_id          INTEGER,
     to_group_id         INTEGER,
-    -- 'u:<lower user id>:<higher user id>' for a direct conversation, 'g:<group id>' for a
-    -- group, so a page of history is one range scan of messages_by_conversation whichever
-    -- side sent each message.
-    conversation        TEXT    NOT NULL,
     client_msg_id       TEXT    NOT NULL,
     body                BLOB    NOT NULL,
     content_type        TEXT    NOT NULL,
@@ -58,10 +51,19 @@ CREATE TABLE messages (
     CHECK ((to_user_id IS NULL) <> (to_group_id IS NULL))
 );
 
-CREATE INDEX messages_by_conversation ON messages (conversation, id);
+-- A page of history is one range scan of one of these, newest first (every index ends with
+-- the rowid, which is the message id). A direct conversation is keyed by its two users, lower
+-- id first, so both sides' messages share one range; integer keys keep the entries, which
+-- every append adds at a scattered place, small.
+CREATE INDEX messages_by_pair ON messages (min(sender_id, to_user_id), max(sender_id, to_user_id))
+    WHERE to_user_id IS NOT NULL;
+CREATE INDEX messages_by_group ON messages (to_group_id) WHERE to_group_id IS NOT NULL;
 
 -- Per-user delivery log: seq is dense per user (1, 2, 3, ...) and the primary key clusters a
--- user's entries so replay after a cursor is one range scan.
+-- user's entries so replay after a cursor is one range scan. The primary key is also the seq
+-- counter: a user's newest seq is max(seq), one index seek, and the store's single writer hands
+-- out the next ones in commit order (no counter row to rewrite on every append). So a user's
+-- newest entry must never be deleted while the account exists, or its seq would be reused.
 CREATE TABLE inbox (
     user_id    INTEGER NOT NULL REFERENCES users (id),
     seq        INTEGER NOT NULL,

@@ -1054,6 +1054,123 @@ pub(crate) async fn concurrent_appends_keep_every_inbox_gapless(store: Arc<dyn S
     }
 }
 
+/// Retries racing each other (as after a reconnect) store each message once: one of them
+/// appends, every other gets that first message back as a duplicate, and no inbox gets an
+/// entry twice or a hole.
+pub(crate) async fn concurrent_retries_store_each_message_once(store: Arc<dyn Store>) {
+    const MESSAGES: usize = 20;
+    const TRIES: usize = 5;
+    let alice = create(store.as_ref(), "alice").await;
+    let bob = create(store.as_ref(), "bob").await;
+    let mut tasks = Vec::new();
+    for i in 0..MESSAGES {
+        for _ in 0..TRIES {
+            let store = Arc::clone(&store);
+            let m = message(&alice, Recipient::User(bob.id), &format!("m{i}"));
+            tasks.push(tokio::spawn(async move { store.append_message(m).await }));
+        }
+    }
+    let mut first: BTreeMap<String, MessageId> = BTreeMap::new();
+    let mut answers = Vec::new();
+    for task in tasks {
+        let appended = task.await.unwrap().expect("append or duplicate");
+        if appended.duplicate {
+            assert!(appended.entries.is_empty(), "a duplicate appended entries");
+        } else {
+            let previous =
+                first.insert(appended.message.client_msg_id.clone(), appended.message.id);
+            assert!(previous.is_none(), "one client_msg_id stored twice");
+        }
+        answers.push(appended);
+    }
+    assert_eq!(first.len(), MESSAGES);
+    for appended in &answers {
+        assert_eq!(
+            first.get(&appended.message.client_msg_id),
+            Some(&appended.message.id),
+            "a retry got a different message back"
+        );
+    }
+    let dense: Vec<u64> = (1..=MESSAGES as u64).collect();
+    assert_eq!(seqs(&inbox(store.as_ref(), &alice).await), dense);
+    assert_eq!(seqs(&inbox(store.as_ref(), &bob).await), dense);
+}
+
+/// Commands queued back to back (so they may share one group commit) each see the ones queued
+/// before them: an append right after a rename is stamped with the new name, an append to or
+/// from an account deleted just before is refused, and a refused append leaves no hole in the
+/// sender's inbox.
+pub(crate) async fn queued_renames_and_deletions_apply_to_the_next_append(store: &dyn Store) {
+    use std::pin::Pin;
+
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+    let append = |from: &User, to: &User, id: &str| {
+        let m = message(from, Recipient::User(to.id), id);
+        async move {
+            match store.append_message(m).await {
+                Ok(a) => Ok((a.message.sender.display_name.clone(), a.entries)),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    type Outcome = Result<(String, Vec<(UserId, Seq)>), String>;
+    // join_all polls in order, so the commands are queued in this order.
+    let queued: Vec<Pin<Box<dyn Future<Output = Outcome> + Send + '_>>> = vec![
+        Box::pin(append(&alice, &bob, "a1")),
+        Box::pin(async {
+            store
+                .update_display_name(alice.id, "Queen")
+                .await
+                .map(|_| (String::new(), Vec::new()))
+                .map_err(|e| e.to_string())
+        }),
+        Box::pin(append(&alice, &bob, "a2")),
+        Box::pin(async {
+            store
+                .delete_account(bob.id)
+                .await
+                .map(|_| (String::new(), Vec::new()))
+                .map_err(|e| e.to_string())
+        }),
+        Box::pin(append(&alice, &bob, "a3")),
+        Box::pin(append(&bob, &alice, "b1")),
+        Box::pin(append(&alice, &carol, "a4")),
+    ];
+    let outcomes = futures_util::future::join_all(queued).await;
+    let entries = |a: Seq, b: (UserId, Seq)| {
+        let mut e = vec![(alice.id, a), b];
+        e.sort();
+        e
+    };
+    let missing = StoreError::NotFound("user").to_string();
+    assert_eq!(
+        outcomes,
+        [
+            Ok((
+                "alice (display)".to_owned(),
+                entries(Seq(1), (bob.id, Seq(1)))
+            )),
+            Ok((String::new(), Vec::new())),
+            Ok(("Queen".to_owned(), entries(Seq(2), (bob.id, Seq(2))))),
+            Ok((String::new(), Vec::new())),
+            Err(missing.clone()),
+            Err(missing),
+            Ok(("Queen".to_owned(), entries(Seq(3), (carol.id, Seq(1))))),
+        ]
+    );
+    assert_eq!(seqs(&inbox(store, &alice).await), [1, 2, 3]);
+    assert_eq!(store.inbox_head(bob.id).await.unwrap(), Seq(0));
+
+    // A new account gets a fresh inbox, whatever the writer remembered of the deleted one.
+    let bob2 = create(store, "bob").await;
+    assert_eq!(
+        dm(store, &alice, &bob2, "a5").await.entries,
+        entries(Seq(4), (bob2.id, Seq(1)))
+    );
+}
+
 /// Concurrent commands that fail (a taken name) must fail alone, whatever they were batched
 /// with.
 pub(crate) async fn concurrent_duplicate_usernames_have_one_winner(store: Arc<dyn Store>) {
@@ -1228,10 +1345,12 @@ mod sqlite_backend {
             create_group_checks_users_and_size,
             leaving_hands_admin_to_the_longest_standing_member,
             closed_store_is_unavailable,
+            queued_renames_and_deletions_apply_to_the_next_append,
         ],
         shared: [
             concurrent_appends_keep_every_inbox_gapless,
             concurrent_duplicate_usernames_have_one_winner,
+            concurrent_retries_store_each_message_once,
         ],
     }
 

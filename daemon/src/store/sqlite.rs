@@ -2,12 +2,14 @@
 //!
 //! Owns that file and nothing else. Every change goes through one writer thread, which runs
 //! whatever commands are queued in one transaction (group commit: one fsync for the whole
-//! batch, each command isolated by its own SAVEPOINT) and answers only after COMMIT returned,
-//! so `Ok` always means durable. Reads run beside it on a few read-only connections, which WAL
-//! lets see the last commit without waiting for the writer. Nothing read from disk may panic
-//! here: every failure becomes a `StoreError`.
+//! batch; a command that fails changes nothing, see `Isolation`) and answers only after COMMIT
+//! returned, so `Ok` always means durable. Being the only writer, that thread also keeps what
+//! appends read about users, seq counters included, in memory (`UserCache`). Reads run beside
+//! it on a few read-only connections, which WAL lets see the last commit without waiting for
+//! the writer. Nothing read from disk may panic here: every failure becomes a `StoreError`.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
@@ -95,6 +97,8 @@ impl SqliteStore {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         writer.busy_timeout(BUSY_TIMEOUT)?;
+        // Only takes effect while the file is new (before WAL mode and the first table).
+        writer.pragma_update(None, "page_size", PAGE_SIZE_BYTES)?;
         let mode: String =
             writer.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
         // Readers beside the writer and one fsync per commit both depend on WAL; running
@@ -114,6 +118,7 @@ impl SqliteStore {
         writer.pragma_update(None, "foreign_keys", "ON")?;
         // Checkpoints run on their own thread (see `Checkpointer`), not inside a commit.
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+        writer.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
         tune(&writer, WRITER_CACHE_KIB)?;
         writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
 
@@ -129,12 +134,13 @@ impl SqliteStore {
             idle: Mutex::new(readers),
         });
 
-        let checkpointer = Arc::new(Checkpointer::start(path)?);
+        let catch_up = Arc::new(AtomicBool::new(false));
+        let checkpointer = Arc::new(Checkpointer::start(path, Arc::clone(&catch_up))?);
         let (commands, queue) = mpsc::channel();
         let max_batch = options.max_batch.max(1);
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(writer, queue, max_batch))
+            .spawn(move || writer_loop(writer, catch_up, queue, max_batch))
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
 
         Ok(SqliteStore {
@@ -148,16 +154,17 @@ impl SqliteStore {
 
     /// Runs `work` on the writer thread inside the next group commit and returns its result
     /// once the batch is durable. A caller that stops waiting does not cancel the command.
-    async fn write<T, F>(&self, work: F) -> StoreResult<T>
+    async fn write<T, F>(&self, isolation: Isolation, work: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+        F: FnOnce(&mut Writer) -> StoreResult<T> + Send + 'static,
     {
         if self.closed.load(Ordering::Acquire) {
             return Err(closed());
         }
         let (reply, answer) = oneshot::channel();
         let op = Box::new(Pending {
+            isolation,
             work: Some(work),
             outcome: None,
             reply,
@@ -222,18 +229,40 @@ impl Drop for SqliteStore {
 
 /// Copies committed WAL frames back into the database file on a thread of its own, so the
 /// writer's group commits never pay for it (in-commit auto-checkpoints took a sixth of the
-/// writer's time under load). PASSIVE checkpoints never block the writer or readers; the WAL
-/// is rewound by SQLite once a checkpoint caught up. On stop, a final TRUNCATE checkpoint
-/// leaves a compact database file.
+/// writer's time under load). PASSIVE checkpoints never block the writer or readers. On stop,
+/// a final TRUNCATE checkpoint leaves a compact database file.
+///
+/// SQLite rewinds the WAL only when a write transaction begins with every frame already
+/// copied back, which a background checkpoint never achieves while commits keep coming: under
+/// sustained load the WAL grew without end (gigabytes in the benchmark), every commit
+/// allocated fresh file blocks and every checkpoint pass re-read a longer log. So once the WAL
+/// is long, this thread checkpoints pass after pass (each copying what the previous one
+/// missed) and then raises `catch_up`; the writer, right after its next commit, copies the few
+/// frames left itself, and its next transaction starts the WAL from the beginning again.
 struct Checkpointer {
     stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// A WAL this long (in frames, one page each) is rewound as soon as the writer can.
+const WAL_REWIND_FRAMES: i64 = 16 * 1024;
+/// How long the checkpointer leaves the writer to copy back the rest of a long WAL before it
+/// tries again itself: about one group commit, during which a pass of its own would hold the
+/// checkpoint lock and make the writer's attempt fail as busy.
+const CATCH_UP_WINDOW: Duration = Duration::from_millis(10);
+/// A WAL file that once grew past this (a burst, a long reader) is cut back when rewound.
+const WAL_SIZE_LIMIT_BYTES: i64 = 256 * 1024 * 1024;
+
+/// Runs a PASSIVE checkpoint: (frames in the WAL, frames copied back).
+fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((row.get(1)?, row.get(2)?))
+    })
+}
 
 impl Checkpointer {
-    fn start(path: &Path) -> StoreResult<Self> {
+    fn start(path: &Path, catch_up: Arc<AtomicBool>) -> StoreResult<Self> {
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -246,14 +275,27 @@ impl Checkpointer {
             .spawn(move || {
                 let (lock, wake) = &*flag;
                 let mut stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut pause = CHECKPOINT_EVERY;
+                let mut last = (0, 0);
                 while !*stopped {
                     let (guard, _) = wake
-                        .wait_timeout(stopped, CHECKPOINT_EVERY)
+                        .wait_timeout(stopped, pause)
                         .unwrap_or_else(PoisonError::into_inner);
                     stopped = guard;
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::warn!(error = %e, "wal checkpoint failed");
+                    pause = CHECKPOINT_EVERY;
+                    match checkpoint(&conn) {
+                        // Nothing new since the last pass (an idle writer): the next write
+                        // transaction rewinds the WAL by itself, no need to poll meanwhile.
+                        Ok(pass) if pass == last => {}
+                        Ok((log, done)) if log >= WAL_REWIND_FRAMES => {
+                            // Each pass is shorter than the last; after each the writer finds
+                            // the WAL caught up but for its own last commits.
+                            catch_up.store(true, Ordering::Release);
+                            pause = CATCH_UP_WINDOW;
+                            last = (log, done);
+                        }
+                        Ok(pass) => last = pass,
+                        Err(e) => tracing::warn!(error = %e, "wal checkpoint failed"),
                     }
                 }
                 drop(stopped);
@@ -301,10 +343,18 @@ fn open_reader(path: &Path) -> StoreResult<Connection> {
     Ok(conn)
 }
 
-/// Page cache of the writer: inbox appends touch pages all over the inbox and users tables,
-/// and every page SQLite must re-read from the OS costs a syscall and a copy in the one
-/// thread that all writes go through.
-const WRITER_CACHE_KIB: i64 = 64 * 1024;
+/// Appends dirty a few pages scattered over the inbox and the indexes of messages, and each
+/// group commit writes every dirty page whole into the WAL (copy, checksum, write, fsync);
+/// 2 KiB pages halve those bytes against SQLite's 4 KiB default, for about a tenth more
+/// appends a second in `benches/store.rs` (`direct_2000_users`; 1 KiB did no better).
+const PAGE_SIZE_BYTES: i64 = 2048;
+
+/// Page cache of the writer: the hot index and inbox pages. Kept small on purpose: clean
+/// pages are read through the memory map without a copy, while every cached page is heap
+/// memory that, at 64 MiB, filled up with the bodies of a large backlog (the slow-consumer
+/// test in `tests/delivery.rs` counted it as buffering) and made each COMMIT's scan of the
+/// cache slower; 8 MiB appended as fast as 16 or 64 in `direct_2000_users`.
+const WRITER_CACHE_KIB: i64 = 8 * 1024;
 const READER_CACHE_KIB: i64 = 16 * 1024;
 /// Reads through a memory map instead of read(2) copies.
 const MMAP_BYTES: i64 = 256 * 1024 * 1024;
@@ -351,21 +401,6 @@ fn get_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
     let v: i64 = row.get(idx)?;
     u64::try_from(v)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Integer, Box::new(e)))
-}
-
-fn to_u64(v: i64) -> StoreResult<u64> {
-    u64::try_from(v).map_err(|_| StoreError::Backend(format!("negative id {v} in the database")))
-}
-
-/// One key per conversation, so history of either kind is one range scan of one index.
-/// A direct conversation's key is the same from both sides.
-fn direct_key(a: UserId, b: UserId) -> String {
-    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-    format!("u:{lo}:{hi}")
-}
-
-fn group_key(group: GroupId) -> String {
-    format!("g:{group}")
 }
 
 fn user_from_row(row: &Row<'_>) -> rusqlite::Result<User> {
@@ -430,10 +465,25 @@ enum Command {
     Stop,
 }
 
+/// How a command is kept apart from the others in its batch when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    /// The command may fail after it wrote something: it runs in its own SAVEPOINT, rolled
+    /// back if it fails, so only its own changes are undone and the rest of the batch commits.
+    Savepoint,
+    /// The command checks everything that can refuse it before its first write, so a failure
+    /// has changed nothing and needs no savepoint (which costs two statements and a copy of
+    /// every page the command touches that the batch had already changed). Only an I/O error
+    /// can fail it after a write, and that aborts the whole batch anyway. The writer checks
+    /// the promise: a failed command that changed rows aborts the batch (see `run_one`).
+    ValidatesFirst,
+}
+
 /// A queued write, type-erased so one channel carries every operation.
 trait WriteOp: Send {
+    fn isolation(&self) -> Isolation;
     /// Runs the work inside the open transaction; true when it succeeded.
-    fn run(&mut self, conn: &Connection) -> bool;
+    fn run(&mut self, writer: &mut Writer) -> bool;
     /// Sends the outcome: only after the batch committed.
     fn reply(self: Box<Self>);
     /// The batch did not commit. A success becomes an error; an error the work itself
@@ -442,6 +492,7 @@ trait WriteOp: Send {
 }
 
 struct Pending<T, F> {
+    isolation: Isolation,
     work: Option<F>,
     outcome: Option<StoreResult<T>>,
     reply: oneshot::Sender<StoreResult<T>>,
@@ -450,11 +501,15 @@ struct Pending<T, F> {
 impl<T, F> WriteOp for Pending<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection) -> StoreResult<T> + Send,
+    F: FnOnce(&mut Writer) -> StoreResult<T> + Send,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
+    fn isolation(&self) -> Isolation {
+        self.isolation
+    }
+
+    fn run(&mut self, writer: &mut Writer) -> bool {
         let outcome = match self.work.take() {
-            Some(work) => work(conn),
+            Some(work) => work(writer),
             None => Err(StoreError::Backend("write command ran twice".into())),
         };
         let ok = outcome.is_ok();
@@ -479,7 +534,26 @@ where
     }
 }
 
-fn writer_loop(conn: Connection, queue: mpsc::Receiver<Command>, max_batch: usize) {
+/// What the writer thread owns: the one read-write connection and the cache of what appends
+/// read. Commands get `&mut Writer`, so nothing else can reach either.
+struct Writer {
+    conn: Connection,
+    users: UserCache,
+    /// Raised by the checkpointer when the WAL is long and mostly copied back.
+    catch_up: Arc<AtomicBool>,
+}
+
+fn writer_loop(
+    conn: Connection,
+    catch_up: Arc<AtomicBool>,
+    queue: mpsc::Receiver<Command>,
+    max_batch: usize,
+) {
+    let mut writer = Writer {
+        conn,
+        users: UserCache::default(),
+        catch_up,
+    };
     // Bounded preallocation: max_batch is configuration, not a promise of memory.
     let mut batch: Vec<Box<dyn WriteOp>> = Vec::with_capacity(max_batch.min(1024));
     let mut stopping = false;
@@ -500,11 +574,11 @@ fn writer_loop(conn: Connection, queue: mpsc::Receiver<Command>, max_batch: usiz
                 Err(TryRecvError::Empty) => break,
             }
         }
-        run_batch(&conn, &mut batch);
+        run_batch(&mut writer, &mut batch);
     }
     // Commands queued after Stop are dropped with the receiver; their callers see Unavailable.
     drop(queue);
-    if let Err((_, e)) = conn.close() {
+    if let Err((_, e)) = writer.conn.close() {
         tracing::warn!(error = %e, "closing the sqlite writer connection failed");
     }
 }
@@ -514,55 +588,207 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>) {
+fn run_batch(writer: &mut Writer, batch: &mut Vec<Box<dyn WriteOp>>) {
     // IMMEDIATE takes the write lock now, so no command fails half-way on SQLITE_BUSY.
-    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
-        abort(conn, batch, &format!("cannot begin a transaction: {e}"));
+    if let Err(e) = exec(&writer.conn, "BEGIN IMMEDIATE") {
+        abort(writer, batch, &format!("cannot begin a transaction: {e}"));
         return;
     }
     for op in batch.iter_mut() {
-        if let Err(e) = run_isolated(conn, op.as_mut()) {
-            abort(conn, batch, &e);
+        if let Err(e) = run_one(writer, op.as_mut()) {
+            abort(writer, batch, &e);
             return;
         }
     }
-    match exec(conn, "COMMIT") {
+    match exec(&writer.conn, "COMMIT") {
         Ok(()) => {
+            writer.users.committed();
             for op in batch.drain(..) {
                 op.reply();
             }
+            // After the replies, so nobody waits for it: copy back the frames the checkpointer
+            // has not reached yet, so the next transaction rewinds the WAL (see `Checkpointer`).
+            // Busy (the checkpointer is mid-pass) is fine: it asks again after that pass.
+            if writer.catch_up.swap(false, Ordering::AcqRel)
+                && let Err(e) = checkpoint(&writer.conn)
+            {
+                tracing::warn!(error = %e, "wal catch-up checkpoint failed");
+            }
         }
-        Err(e) => abort(conn, batch, &format!("commit failed: {e}")),
+        Err(e) => abort(writer, batch, &format!("commit failed: {e}")),
     }
 }
 
-/// Runs one command in its own savepoint, so a command that fails (a taken username, a
-/// non-member sending) undoes only its own changes and the rest of the batch commits.
-fn run_isolated(conn: &Connection, op: &mut dyn WriteOp) -> Result<(), String> {
-    exec(conn, "SAVEPOINT command").map_err(|e| format!("savepoint failed: {e}"))?;
-    let ok = op.run(conn);
+/// Runs one command so that, if it fails, it leaves neither rows nor cache entries behind and
+/// the rest of the batch still commits. An `Err` means the whole batch must be aborted.
+fn run_one(writer: &mut Writer, op: &mut dyn WriteOp) -> Result<(), String> {
+    let isolation = op.isolation();
+    if isolation == Isolation::Savepoint {
+        exec(&writer.conn, "SAVEPOINT command").map_err(|e| format!("savepoint failed: {e}"))?;
+    }
+    let changes_before = writer.conn.total_changes();
+    writer.users.begin_command();
+    let ok = op.run(writer);
+    if !ok {
+        // Whatever the command loaded or changed in the cache may reflect its own writes,
+        // which are about to be undone: reload those users from disk when next needed.
+        writer.users.forget_command();
+    }
     // Some errors (disk full, I/O) make SQLite roll back the whole transaction by itself; the
     // commands before this one are gone too, so the batch must not report success.
-    if conn.is_autocommit() {
+    if writer.conn.is_autocommit() {
         return Err("the transaction was rolled back".into());
     }
-    let end = if ok {
-        exec(conn, "RELEASE command")
-    } else {
-        exec(conn, "ROLLBACK TO command").and_then(|()| exec(conn, "RELEASE command"))
-    };
-    end.map_err(|e| format!("savepoint release failed: {e}"))
+    match isolation {
+        Isolation::Savepoint => {
+            let end = if ok {
+                exec(&writer.conn, "RELEASE command")
+            } else {
+                exec(&writer.conn, "ROLLBACK TO command")
+                    .and_then(|()| exec(&writer.conn, "RELEASE command"))
+            };
+            end.map_err(|e| format!("savepoint release failed: {e}"))
+        }
+        // Nothing can undo a half-done command without a savepoint: rather than commit it,
+        // fail everyone in the batch (none of them is answered `Ok` before COMMIT).
+        Isolation::ValidatesFirst if !ok && writer.conn.total_changes() != changes_before => {
+            Err("a command failed after writing without a savepoint".into())
+        }
+        Isolation::ValidatesFirst => Ok(()),
+    }
 }
 
-fn abort(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>, reason: &str) {
+fn abort(writer: &mut Writer, batch: &mut Vec<Box<dyn WriteOp>>, reason: &str) {
     tracing::error!(reason, commands = batch.len(), "sqlite group commit failed");
-    if !conn.is_autocommit()
-        && let Err(e) = conn.execute_batch("ROLLBACK")
+    // The cache may hold what the rolled-back batch wrote.
+    writer.users.clear();
+    if !writer.conn.is_autocommit()
+        && let Err(e) = writer.conn.execute_batch("ROLLBACK")
     {
         tracing::error!(error = %e, "rollback after a failed group commit failed");
     }
     for op in batch.drain(..) {
         op.fail(reason);
+    }
+}
+
+// ----- the writer's user cache -----
+
+/// Most users the writer keeps cached; past this the cache is emptied after a commit and
+/// refills with whoever is active (about 150 bytes a user).
+const USER_CACHE_MAX: usize = 200_000;
+
+/// What appends read about a user, kept by the one writer thread so an append needs no query
+/// to stamp its sender, check its recipient or hand out seqs.
+///
+/// Coherence: only the writer changes users and inboxes, and every command that changes a
+/// cached field updates or drops the entry inside the same command. Entries loaded or changed
+/// by a command are recorded; if the command fails they are dropped (its writes are undone or
+/// it made none), and if a batch aborts the whole cache is dropped, so the cache never holds
+/// state that did not commit. On a miss the entry is read back from disk in the current
+/// transaction.
+#[derive(Default)]
+struct UserCache {
+    entries: HashMap<UserId, CachedUser>,
+    /// Users the running command loaded or changed.
+    touched: Vec<UserId>,
+}
+
+struct CachedUser {
+    user: User,
+    /// The newest seq in the user's inbox: the next entry gets `head + 1`.
+    head: u64,
+}
+
+impl UserCache {
+    fn begin_command(&mut self) {
+        self.touched.clear();
+    }
+
+    fn forget_command(&mut self) {
+        for user in self.touched.drain(..) {
+            self.entries.remove(&user);
+        }
+    }
+
+    fn committed(&mut self) {
+        self.touched.clear();
+        if self.entries.len() > USER_CACHE_MAX {
+            self.entries.clear();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.touched.clear();
+        self.entries.clear();
+    }
+
+    /// The user, loaded on a miss; `None` when there is no such account.
+    fn get(&mut self, conn: &Connection, id: UserId) -> StoreResult<Option<&mut CachedUser>> {
+        self.touched.push(id);
+        let entry = match self.entries.entry(id) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(slot) => {
+                // The inbox's primary key is the seq counter: its newest entry per user is one
+                // index seek, and it is always what the last commit left.
+                let loaded = conn
+                    .prepare_cached(
+                        "SELECT id, username, display_name, \
+                         (SELECT coalesce(max(seq), 0) FROM inbox WHERE user_id = ?1) \
+                         FROM users WHERE id = ?1",
+                    )?
+                    .query_row([id_param(id.0)], |row| {
+                        Ok(CachedUser {
+                            user: user_from_row(row)?,
+                            head: get_u64(row, 3)?,
+                        })
+                    })
+                    .optional()?;
+                match loaded {
+                    Some(user) => slot.insert(user),
+                    None => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(entry))
+    }
+
+    fn exists(&mut self, conn: &Connection, id: UserId) -> StoreResult<bool> {
+        Ok(self.get(conn, id)?.is_some())
+    }
+
+    fn user(&mut self, conn: &Connection, id: UserId) -> StoreResult<Option<User>> {
+        Ok(self.get(conn, id)?.map(|cached| cached.user.clone()))
+    }
+
+    /// Hands out the user's next seq. The writer runs commands one at a time in commit order,
+    /// so seqs are strictly increasing and gapless in commit order.
+    fn next_seq(&mut self, conn: &Connection, id: UserId) -> StoreResult<Seq> {
+        let cached = self
+            .get(conn, id)?
+            .ok_or_else(|| StoreError::Backend(format!("inbox owner {id} has no account")))?;
+        cached.head = cached
+            .head
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Backend(format!("inbox seq of {id} overflowed")))?;
+        Ok(Seq(cached.head))
+    }
+
+    /// A freshly created account with an empty inbox.
+    fn insert(&mut self, user: User) {
+        self.touched.push(user.id);
+        self.entries.insert(user.id, CachedUser { user, head: 0 });
+    }
+
+    /// The account changed (its display name) or is gone: drop or refresh it.
+    fn replace(&mut self, id: UserId, user: Option<User>) {
+        self.touched.push(id);
+        match (user, self.entries.get_mut(&id)) {
+            (Some(user), Some(cached)) => cached.user = user,
+            (_, _) => {
+                self.entries.remove(&id);
+            }
+        }
     }
 }
 
@@ -619,19 +845,6 @@ impl Drop for Lease<'_> {
 }
 
 // ----- shared lookups (used on both sides) -----
-
-fn user_by_id(conn: &Connection, user: UserId) -> StoreResult<Option<User>> {
-    Ok(conn
-        .prepare_cached("SELECT id, username, display_name FROM users WHERE id = ?1")?
-        .query_row([id_param(user.0)], user_from_row)
-        .optional()?)
-}
-
-fn user_exists(conn: &Connection, user: UserId) -> StoreResult<bool> {
-    Ok(conn
-        .prepare_cached("SELECT 1 FROM users WHERE id = ?1")?
-        .exists([id_param(user.0)])?)
-}
 
 fn group_exists(conn: &Connection, group: GroupId) -> StoreResult<bool> {
     Ok(conn
@@ -695,8 +908,9 @@ fn load_group(conn: &Connection, group: GroupId) -> StoreResult<Group> {
 
 // ----- writes (run on the writer thread, inside the batch transaction) -----
 
-fn create_account(conn: &Connection, account: &NewAccount) -> StoreResult<User> {
-    let inserted = conn
+fn create_account(w: &mut Writer, account: &NewAccount) -> StoreResult<User> {
+    let inserted = w
+        .conn
         .prepare_cached(
             "INSERT INTO users (username, username_key, display_name, password_hash, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
@@ -712,23 +926,32 @@ fn create_account(conn: &Connection, account: &NewAccount) -> StoreResult<User> 
             |row| get_u64(row, 0),
         );
     match inserted {
-        Ok(id) => Ok(User {
-            id: UserId(id),
-            username: account.username.clone(),
-            display_name: account.display_name.clone(),
-        }),
+        Ok(id) => {
+            let user = User {
+                id: UserId(id),
+                username: account.username.clone(),
+                display_name: account.display_name.clone(),
+            };
+            w.users.insert(user.clone());
+            Ok(user)
+        }
         Err(e) if is_unique_violation(&e) => Err(StoreError::AlreadyExists("username")),
         Err(e) => Err(e.into()),
     }
 }
 
-fn update_display_name(conn: &Connection, user: UserId, display_name: &str) -> StoreResult<User> {
-    conn.prepare_cached(
-        "UPDATE users SET display_name = ?2 WHERE id = ?1 RETURNING id, username, display_name",
-    )?
-    .query_row(params![id_param(user.0), display_name], user_from_row)
-    .optional()?
-    .ok_or(StoreError::NotFound("user"))
+fn update_display_name(w: &mut Writer, user: UserId, display_name: &str) -> StoreResult<User> {
+    let updated = w
+        .conn
+        .prepare_cached(
+            "UPDATE users SET display_name = ?2 WHERE id = ?1 \
+             RETURNING id, username, display_name",
+        )?
+        .query_row(params![id_param(user.0), display_name], user_from_row)
+        .optional()?;
+    // Later appends stamp the new name.
+    w.users.replace(user, updated.clone());
+    updated.ok_or(StoreError::NotFound("user"))
 }
 
 fn change_password(
@@ -753,10 +976,13 @@ fn change_password(
     Ok(devices)
 }
 
-fn delete_account(conn: &Connection, user: UserId) -> StoreResult<Vec<DeviceId>> {
-    if !user_exists(conn, user)? {
+fn delete_account(w: &mut Writer, user: UserId) -> StoreResult<Vec<DeviceId>> {
+    if !w.users.exists(&w.conn, user)? {
         return Err(StoreError::NotFound("user"));
     }
+    // Gone from the cache first: nothing below may append for this user any more.
+    w.users.replace(user, None);
+    let conn = &w.conn;
     let id = id_param(user.0);
     let mut devices = conn
         .prepare_cached("DELETE FROM sessions WHERE user_id = ?1 RETURNING id")?
@@ -779,10 +1005,14 @@ fn delete_account(conn: &Connection, user: UserId) -> StoreResult<Vec<DeviceId>>
     Ok(devices)
 }
 
-fn create_session(conn: &Connection, session: &NewSession) -> StoreResult<Session> {
-    let user = user_by_id(conn, session.user)?.ok_or(StoreError::NotFound("user"))?;
+fn create_session(w: &mut Writer, session: &NewSession) -> StoreResult<Session> {
+    let user = w
+        .users
+        .user(&w.conn, session.user)?
+        .ok_or(StoreError::NotFound("user"))?;
     // A new device starts at the user's high-water mark: what no device acknowledged yet.
-    let inserted = conn
+    let inserted = w
+        .conn
         .prepare_cached(
             "INSERT INTO sessions (user_id, device_name, token_hash, expires_at, acked_seq, \
              created_at) SELECT ?1, ?2, ?3, ?4, u.acked_seq, ?5 FROM users u WHERE u.id = ?1 \
@@ -827,130 +1057,194 @@ fn delete_session(conn: &Connection, device: DeviceId) -> StoreResult<()> {
     Ok(())
 }
 
-fn ack(conn: &Connection, device: DeviceId, up_to: Seq) -> StoreResult<()> {
-    // Zero rows changed is fine: the ack was stale, or the session was revoked meanwhile.
-    conn.prepare_cached(
-        "UPDATE sessions SET acked_seq = min(?2, users.last_seq) FROM users \
-         WHERE sessions.id = ?1 AND users.id = sessions.user_id \
-         AND sessions.acked_seq < min(?2, users.last_seq)",
-    )?
-    .execute([id_param(device.0), bound_param(up_to.0)])?;
+fn ack(w: &mut Writer, device: DeviceId, up_to: Seq) -> StoreResult<()> {
+    // A missing session is fine: the ack was stale, or the session was revoked meanwhile.
+    let Some((user, acked)) = w
+        .conn
+        .prepare_cached("SELECT user_id, acked_seq FROM sessions WHERE id = ?1")?
+        .query_row([id_param(device.0)], |row| {
+            Ok((UserId(get_u64(row, 0)?), get_u64(row, 1)?))
+        })
+        .optional()?
+    else {
+        return Ok(());
+    };
+    let Some(head) = w.users.get(&w.conn, user)?.map(|cached| cached.head) else {
+        return Ok(());
+    };
+    // Acks above the newest seq are clamped to it; cursors never move back.
+    let to = up_to.0.min(head);
+    if to <= acked {
+        return Ok(());
+    }
+    let to = bound_param(to);
+    w.conn
+        .prepare_cached("UPDATE sessions SET acked_seq = ?2 WHERE id = ?1")?
+        .execute([id_param(device.0), to])?;
     // The user's high-water mark, where the next new device starts.
-    conn.prepare_cached(
-        "UPDATE users SET acked_seq = s.acked_seq FROM sessions s \
-         WHERE s.id = ?1 AND users.id = s.user_id AND users.acked_seq < s.acked_seq",
-    )?
-    .execute([id_param(device.0)])?;
+    w.conn
+        .prepare_cached("UPDATE users SET acked_seq = ?2 WHERE id = ?1 AND acked_seq < ?2")?
+        .execute([id_param(user.0), to])?;
     Ok(())
 }
 
-fn append_message(conn: &Connection, message: &NewMessage) -> StoreResult<Appended> {
-    let sender = id_param(message.sender.0);
-
-    // A retry must get the first answer back even if membership changed since.
-    let existing = conn
+/// The message `sender` already stored under `client_msg_id`, if any.
+fn existing_message(
+    conn: &Connection,
+    sender: UserId,
+    client_msg_id: &str,
+) -> StoreResult<Option<StoredMessage>> {
+    Ok(conn
         .prepare_cached(concat!(
             "SELECT ",
             message_columns!(),
             " FROM messages m WHERE m.sender_id = ?1 AND m.client_msg_id = ?2"
         ))?
-        .query_row(params![sender, message.client_msg_id], |row| {
+        .query_row(params![id_param(sender.0), client_msg_id], |row| {
             message_from_row(row, 0)
         })
-        .optional()?;
-    if let Some(existing) = existing {
-        return Ok(Appended {
-            message: Arc::new(existing),
-            entries: Vec::new(),
-            duplicate: true,
-        });
+        .optional()?)
+}
+
+fn duplicate(existing: StoredMessage) -> Appended {
+    Appended {
+        message: Arc::new(existing),
+        entries: Vec::new(),
+        duplicate: true,
     }
+}
 
+/// Where an append goes, once every check that can refuse it has passed.
+struct AppendTarget {
+    /// The sender as stamped on the message.
+    stamped: User,
+    /// Every inbox that gets an entry, in ascending id order (the sender's included), each
+    /// already in the writer's cache.
+    recipients: Vec<UserId>,
+    to_user: Option<i64>,
+    to_group: Option<i64>,
+}
+
+/// Everything that can refuse an append, before it writes anything.
+fn check_append(w: &mut Writer, message: &NewMessage) -> StoreResult<AppendTarget> {
     // A deleted account sends nothing.
-    let stamped = user_by_id(conn, message.sender)?.ok_or(StoreError::NotFound("user"))?;
-
-    let (to_user, to_group, conversation) = match message.to {
+    let stamped = w
+        .users
+        .user(&w.conn, message.sender)?
+        .ok_or(StoreError::NotFound("user"))?;
+    let target = match message.to {
         Recipient::User(peer) => {
-            if !user_exists(conn, peer)? {
+            if !w.users.exists(&w.conn, peer)? {
                 return Err(StoreError::NotFound("user"));
             }
-            (
-                Some(id_param(peer.0)),
-                None,
-                direct_key(message.sender, peer),
-            )
+            let mut recipients = vec![message.sender, peer];
+            recipients.sort_unstable();
+            recipients.dedup();
+            AppendTarget {
+                stamped,
+                recipients,
+                to_user: Some(id_param(peer.0)),
+                to_group: None,
+            }
         }
         Recipient::Group(group) => {
             // In the same transaction as the insert: a concurrent removal cannot slip a message
             // through.
-            require_member(conn, group, message.sender)?;
-            (None, Some(id_param(group.0)), group_key(group))
+            let members = group_members(&w.conn, group)?;
+            if members.binary_search(&message.sender).is_err() {
+                return Err(if members.is_empty() && !group_exists(&w.conn, group)? {
+                    StoreError::NotFound("group")
+                } else {
+                    StoreError::PermissionDenied("not a member of this group")
+                });
+            }
+            // Members are in the cache before the first write, so handing out their seqs
+            // cannot fail on a missing account half-way through the fan-out.
+            for &member in &members {
+                if !w.users.exists(&w.conn, member)? {
+                    return Err(StoreError::Backend(format!(
+                        "group member {member} has no account"
+                    )));
+                }
+            }
+            AppendTarget {
+                stamped,
+                recipients: members,
+                to_user: None,
+                to_group: Some(id_param(group.0)),
+            }
         }
     };
+    Ok(target)
+}
 
-    let id = conn
+fn append_message(w: &mut Writer, message: &NewMessage) -> StoreResult<Appended> {
+    let target = match check_append(w, message) {
+        Ok(target) => target,
+        // A retry must get the first answer back even if the sender, the recipient or the
+        // membership changed since: only a message that was never stored is refused.
+        Err(refused) => {
+            return match existing_message(&w.conn, message.sender, &message.client_msg_id)? {
+                Some(existing) => Ok(duplicate(existing)),
+                None => Err(refused),
+            };
+        }
+    };
+    let AppendTarget {
+        stamped,
+        recipients,
+        to_user,
+        to_group,
+    } = target;
+
+    // The unique (sender, client_msg_id) index is the duplicate check: a repeat inserts
+    // nothing, and only then is the first message read back. No RETURNING: SQLite runs it like
+    // a trigger, which makes it keep a statement journal (a copy of every page it touches).
+    let inserted = w
+        .conn
         .prepare_cached(
             "INSERT INTO messages (sender_id, sender_username, sender_display_name, to_user_id, \
-             to_group_id, conversation, client_msg_id, body, content_type, server_time) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) RETURNING id",
+             to_group_id, client_msg_id, body, content_type, server_time) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+             ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
         )?
-        .query_row(
-            params![
-                sender,
-                stamped.username,
-                stamped.display_name,
-                to_user,
-                to_group,
-                conversation,
-                message.client_msg_id,
-                &message.body[..],
-                message.content_type,
-                message.server_time
-            ],
-            |row| row.get::<_, i64>(0),
-        )?;
+        .execute(params![
+            id_param(message.sender.0),
+            stamped.username,
+            stamped.display_name,
+            to_user,
+            to_group,
+            message.client_msg_id,
+            &message.body[..],
+            message.content_type,
+            message.server_time
+        ])?;
+    if inserted == 0 {
+        return existing_message(&w.conn, message.sender, &message.client_msg_id)?
+            .map(duplicate)
+            .ok_or_else(|| {
+                StoreError::Backend("a message conflicted with one that is not there".into())
+            });
+    }
+    let id = w.conn.last_insert_rowid();
+    let id = u64::try_from(id)
+        .map_err(|_| StoreError::Backend(format!("negative message id {id} assigned")))?;
 
-    // Each recipient's counter is bumped in this transaction, so seqs are handed out in commit
-    // order; the batch commits as a whole, so a reader sees a seq only with all below it.
-    let mut entries = match message.to {
-        Recipient::User(peer) => {
-            let peer = id_param(peer.0);
-            conn.prepare_cached("UPDATE users SET last_seq = last_seq + 1 WHERE id IN (?1, ?2)")?
-                .execute([sender, peer])?;
-            conn.prepare_cached(
-                "INSERT INTO inbox (user_id, seq, message_id) \
-                 SELECT id, last_seq, ?3 FROM users WHERE id IN (?1, ?2) \
-                 RETURNING user_id, seq",
-            )?
-            .query_map([sender, peer, id], |row| {
-                Ok((UserId(get_u64(row, 0)?), Seq(get_u64(row, 1)?)))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?
-        }
-        Recipient::Group(group) => {
-            let group = id_param(group.0);
-            conn.prepare_cached(
-                "UPDATE users SET last_seq = last_seq + 1 \
-                 WHERE id IN (SELECT user_id FROM group_members WHERE group_id = ?1)",
-            )?
-            .execute([group])?;
-            conn.prepare_cached(
-                "INSERT INTO inbox (user_id, seq, message_id) \
-                 SELECT u.id, u.last_seq, ?2 FROM group_members gm JOIN users u ON u.id = gm.user_id \
-                 WHERE gm.group_id = ?1 \
-                 RETURNING user_id, seq",
-            )?
-            .query_map([group, id], |row| {
-                Ok((UserId(get_u64(row, 0)?), Seq(get_u64(row, 1)?)))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?
-        }
-    };
-    entries.sort_unstable_by_key(|&(user, _)| user);
+    // Seqs come from the writer's cache in the order commands run, which is commit order; the
+    // batch commits as a whole, so a reader sees a seq only with all below it.
+    let mut entries = Vec::with_capacity(recipients.len());
+    let mut insert = w
+        .conn
+        .prepare_cached("INSERT INTO inbox (user_id, seq, message_id) VALUES (?1, ?2, ?3)")?;
+    for user in recipients {
+        let seq = w.users.next_seq(&w.conn, user)?;
+        insert.execute([id_param(user.0), bound_param(seq.0), id_param(id)])?;
+        entries.push((user, seq));
+    }
 
     Ok(Appended {
         message: Arc::new(StoredMessage {
-            id: MessageId(to_u64(id)?),
+            id: MessageId(id),
             sender: stamped,
             to: message.to,
             client_msg_id: message.client_msg_id.clone(),
@@ -961,6 +1255,14 @@ fn append_message(conn: &Connection, message: &NewMessage) -> StoreResult<Append
         entries,
         duplicate: false,
     })
+}
+
+/// The members of `group` in ascending id order (empty when the group does not exist).
+fn group_members(conn: &Connection, group: GroupId) -> StoreResult<Vec<UserId>> {
+    Ok(conn
+        .prepare_cached("SELECT user_id FROM group_members WHERE group_id = ?1 ORDER BY user_id")?
+        .query_map([id_param(group.0)], |row| get_u64(row, 0).map(UserId))?
+        .collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
 fn insert_member(
@@ -998,7 +1300,7 @@ fn distinct_new(
 }
 
 fn create_group(
-    conn: &Connection,
+    w: &mut Writer,
     creator: UserId,
     name: &str,
     members: &[UserId],
@@ -1009,14 +1311,15 @@ fn create_group(
     if others.len().saturating_add(1) > max_members {
         return Err(StoreError::LimitExceeded("group size"));
     }
-    if !user_exists(conn, creator)? {
+    if !w.users.exists(&w.conn, creator)? {
         return Err(StoreError::NotFound("user"));
     }
     for &user in &others {
-        if !user_exists(conn, user)? {
+        if !w.users.exists(&w.conn, user)? {
             return Err(StoreError::NotFound("user"));
         }
     }
+    let conn = &w.conn;
     let group = conn
         .prepare_cached("INSERT INTO groups (name, created_at) VALUES (?1, ?2) RETURNING id")?
         .query_row(params![name, created_at], |row| {
@@ -1030,19 +1333,23 @@ fn create_group(
 }
 
 fn add_members(
-    conn: &Connection,
+    w: &mut Writer,
     actor: UserId,
     group: GroupId,
     users: &[UserId],
     max_members: usize,
 ) -> StoreResult<Group> {
-    require_admin(conn, group, actor)?;
-    let new = distinct_new(users, |user| Ok(membership(conn, group, user)?.is_some()))?;
+    require_admin(&w.conn, group, actor)?;
+    let new = distinct_new(
+        users,
+        |user| Ok(membership(&w.conn, group, user)?.is_some()),
+    )?;
     for &user in &new {
-        if !user_exists(conn, user)? {
+        if !w.users.exists(&w.conn, user)? {
             return Err(StoreError::NotFound("user"));
         }
     }
+    let conn = &w.conn;
     let current: i64 = conn
         .prepare_cached("SELECT count(*) FROM group_members WHERE group_id = ?1")?
         .query_row([id_param(group.0)], |row| row.get(0))?;
@@ -1167,7 +1474,7 @@ fn read_inbox(
 
 fn inbox_head(conn: &Connection, user: UserId) -> StoreResult<Seq> {
     let head = conn
-        .prepare_cached("SELECT last_seq FROM users WHERE id = ?1")?
+        .prepare_cached("SELECT coalesce(max(seq), 0) FROM inbox WHERE user_id = ?1")?
         .query_row([id_param(user.0)], |row| get_u64(row, 0))
         .optional()?;
     Ok(Seq(head.unwrap_or(0)))
@@ -1182,25 +1489,43 @@ fn history(
 ) -> StoreResult<Vec<StoredMessage>> {
     // One snapshot for the membership check and the page.
     let tx = conn.transaction()?;
-    let key = match conversation {
-        Conversation::Direct(peer) => direct_key(reader, peer),
+    let before = before.map_or(i64::MAX, |id| bound_param(id.0));
+    let limit = limit_param(limit);
+    // Each kind is one range scan of its index (see the schema), newest first.
+    let page = match conversation {
+        Conversation::Direct(peer) => {
+            let (lo, hi) = if reader <= peer {
+                (reader, peer)
+            } else {
+                (peer, reader)
+            };
+            tx.prepare_cached(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages m WHERE min(m.sender_id, m.to_user_id) = ?1 \
+                 AND max(m.sender_id, m.to_user_id) = ?2 AND m.to_user_id IS NOT NULL \
+                 AND m.id < ?3 ORDER BY m.id DESC LIMIT ?4"
+            ))?
+            .query_map(
+                params![id_param(lo.0), id_param(hi.0), before, limit],
+                |row| message_from_row(row, 0),
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+        }
         Conversation::Group(group) => {
             require_member(&tx, group, reader)?;
-            group_key(group)
+            tx.prepare_cached(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages m WHERE m.to_group_id = ?1 AND m.id < ?2 \
+                 ORDER BY m.id DESC LIMIT ?3"
+            ))?
+            .query_map(params![id_param(group.0), before, limit], |row| {
+                message_from_row(row, 0)
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?
         }
     };
-    let before = before.map_or(i64::MAX, |id| bound_param(id.0));
-    let page = tx
-        .prepare_cached(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages m WHERE m.conversation = ?1 AND m.id < ?2 \
-             ORDER BY m.id DESC LIMIT ?3"
-        ))?
-        .query_map(params![key, before, limit_param(limit)], |row| {
-            message_from_row(row, 0)
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
     tx.commit()?;
     Ok(page)
 }
@@ -1219,7 +1544,9 @@ fn conversations(
             message_columns!(),
             " FROM messages m JOIN ( \
                SELECT max(m2.id) AS id FROM inbox i JOIN messages m2 ON m2.id = i.message_id \
-               WHERE i.user_id = ?1 GROUP BY m2.conversation \
+               WHERE i.user_id = ?1 \
+               GROUP BY m2.to_group_id, min(m2.sender_id, m2.to_user_id), \
+                        max(m2.sender_id, m2.to_user_id) \
              ) last ON last.id = m.id \
              WHERE m.to_group_id IS NULL OR EXISTS ( \
                SELECT 1 FROM group_members gm WHERE gm.group_id = m.to_group_id AND gm.user_id = ?1) \
@@ -1269,11 +1596,19 @@ fn groups_of(conn: &Connection, user: UserId) -> StoreResult<Vec<Group>> {
 }
 
 // ----- the trait -----
+//
+// Writes run as `Isolation::ValidatesFirst` when every refusal comes before their first write,
+// or when their only write is one statement that SQLite undoes by itself if refused (a taken
+// username or token). Account deletion and the group changes write several rows before their
+// last check can refuse them, and are rare: they keep a savepoint.
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_account(&self, account: NewAccount) -> StoreResult<User> {
-        self.write(move |c| create_account(c, &account)).await
+        self.write(Isolation::ValidatesFirst, move |w| {
+            create_account(w, &account)
+        })
+        .await
     }
 
     async fn account_by_username(&self, username_key: &str) -> StoreResult<Option<Account>> {
@@ -1302,8 +1637,10 @@ impl Store for SqliteStore {
 
     async fn update_display_name(&self, user: UserId, display_name: &str) -> StoreResult<User> {
         let display_name = display_name.to_owned();
-        self.write(move |c| update_display_name(c, user, &display_name))
-            .await
+        self.write(Isolation::ValidatesFirst, move |w| {
+            update_display_name(w, user, &display_name)
+        })
+        .await
     }
 
     async fn change_password(
@@ -1313,16 +1650,22 @@ impl Store for SqliteStore {
         keep: DeviceId,
     ) -> StoreResult<Vec<DeviceId>> {
         let password_hash = password_hash.to_owned();
-        self.write(move |c| change_password(c, user, &password_hash, keep))
-            .await
+        self.write(Isolation::ValidatesFirst, move |w| {
+            change_password(&w.conn, user, &password_hash, keep)
+        })
+        .await
     }
 
     async fn delete_account(&self, user: UserId) -> StoreResult<Vec<DeviceId>> {
-        self.write(move |c| delete_account(c, user)).await
+        self.write(Isolation::Savepoint, move |w| delete_account(w, user))
+            .await
     }
 
     async fn create_session(&self, session: NewSession) -> StoreResult<Session> {
-        self.write(move |c| create_session(c, &session)).await
+        self.write(Isolation::ValidatesFirst, move |w| {
+            create_session(w, &session)
+        })
+        .await
     }
 
     async fn session_by_token(&self, token_hash: &[u8; 32]) -> StoreResult<Option<Session>> {
@@ -1331,20 +1674,29 @@ impl Store for SqliteStore {
     }
 
     async fn touch_session(&self, device: DeviceId, expires_at: UnixMillis) -> StoreResult<()> {
-        self.write(move |c| touch_session(c, device, expires_at))
-            .await
+        self.write(Isolation::ValidatesFirst, move |w| {
+            touch_session(&w.conn, device, expires_at)
+        })
+        .await
     }
 
     async fn delete_session(&self, device: DeviceId) -> StoreResult<()> {
-        self.write(move |c| delete_session(c, device)).await
+        self.write(Isolation::ValidatesFirst, move |w| {
+            delete_session(&w.conn, device)
+        })
+        .await
     }
 
     async fn ack(&self, device: DeviceId, up_to: Seq) -> StoreResult<()> {
-        self.write(move |c| ack(c, device, up_to)).await
+        self.write(Isolation::ValidatesFirst, move |w| ack(w, device, up_to))
+            .await
     }
 
     async fn append_message(&self, message: NewMessage) -> StoreResult<Appended> {
-        self.write(move |c| append_message(c, &message)).await
+        self.write(Isolation::ValidatesFirst, move |w| {
+            append_message(w, &message)
+        })
+        .await
     }
 
     async fn read_inbox(
@@ -1389,8 +1741,10 @@ impl Store for SqliteStore {
     ) -> StoreResult<Group> {
         let name = name.to_owned();
         let members = members.to_vec();
-        self.write(move |c| create_group(c, creator, &name, &members, max_members, created_at))
-            .await
+        self.write(Isolation::Savepoint, move |w| {
+            create_group(w, creator, &name, &members, max_members, created_at)
+        })
+        .await
     }
 
     async fn add_members(
@@ -1401,8 +1755,10 @@ impl Store for SqliteStore {
         max_members: usize,
     ) -> StoreResult<Group> {
         let users = users.to_vec();
-        self.write(move |c| add_members(c, actor, group, &users, max_members))
-            .await
+        self.write(Isolation::Savepoint, move |w| {
+            add_members(w, actor, group, &users, max_members)
+        })
+        .await
     }
 
     async fn remove_member(
@@ -1411,12 +1767,17 @@ impl Store for SqliteStore {
         group: GroupId,
         user: UserId,
     ) -> StoreResult<Group> {
-        self.write(move |c| remove_member(c, actor, group, user))
-            .await
+        self.write(Isolation::Savepoint, move |w| {
+            remove_member(&w.conn, actor, group, user)
+        })
+        .await
     }
 
     async fn leave_group(&self, user: UserId, group: GroupId) -> StoreResult<()> {
-        self.write(move |c| leave_group(c, user, group)).await
+        self.write(Isolation::Savepoint, move |w| {
+            leave_group(&w.conn, user, group)
+        })
+        .await
     }
 
     async fn group(&self, reader: UserId, group: GroupId) -> StoreResult<Group> {
