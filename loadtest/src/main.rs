@@ -187,7 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Scenario::Direct { pairs } => pairs * 2,
         Scenario::Group { groups, size, .. } => groups * size,
         Scenario::Idle { connections } => *connections,
-        Scenario::Storm { clients, .. } => clients + 16,
+        Scenario::Storm { clients, .. } => clients + 128,
         Scenario::Mixed {
             pairs,
             groups,

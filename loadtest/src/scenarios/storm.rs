@@ -15,7 +15,7 @@ use crate::payload::Stamp;
 use crate::stats::LatencySummary;
 
 /// Users sending the backlog; they are indices after the clients.
-const FEEDERS: u32 = 16;
+const FEEDERS: u32 = 128;
 
 pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<Outcome> {
     // 1. Every client logs in once (or resumes), so it has a device with a cursor, then leaves.
