@@ -27,6 +27,8 @@ pub const DISPLAY_NAME_MAX_CHARS: usize = 64;
 pub struct PasswordHasher {
     params: Params,
     permits: Arc<Semaphore>,
+    /// Jobs for the hashing threads.
+    jobs: std::sync::mpsc::Sender<Job>,
     /// A real hash of a random password, verified against when the account does not exist,
     /// so a failed login takes the same time whether or not the username is taken.
     dummy_hash: Arc<String>,
@@ -53,6 +55,7 @@ impl PasswordHasher {
         Ok(Self {
             params,
             permits: Arc::new(Semaphore::new(concurrency)),
+            jobs: start_hash_threads(concurrency)?,
             dummy_hash: Arc::new(dummy_hash),
         })
     }
@@ -101,12 +104,51 @@ impl PasswordHasher {
             .await
             .map_err(|_| WireError::new(ErrorCode::Unavailable, "shutting down"))?;
         let start = Instant::now();
-        let out = tokio::task::spawn_blocking(work)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = reply.send(work());
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| internal("the hashing threads stopped".into()))?;
+        let out = answer
             .await
-            .map_err(|e| internal(format!("hash task: {e}")))?;
+            .map_err(|_| internal("a hashing thread failed".into()))?;
         metrics::password_hash_time(start);
         out
     }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of threads for argon2. Not tokio's blocking pool: that pool grows and shrinks
+/// threads, and every new thread gets its own malloc arena that keeps the freed multi-MiB
+/// argon2 blocks (glibc raises its mmap threshold after the first free), so a burst of logins
+/// left hundreds of MiB resident for good. A few long-lived threads keep that bounded.
+fn start_hash_threads(count: usize) -> Result<std::sync::mpsc::Sender<Job>, String> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    for i in 0..count.max(1) {
+        let rx = Arc::clone(&rx);
+        std::thread::Builder::new()
+            .name(format!("argon2-{i}"))
+            .spawn(move || {
+                loop {
+                    // The lock is held only while taking a job, not while hashing.
+                    let job = match rx.lock() {
+                        Ok(guard) => guard.recv(),
+                        Err(poisoned) => poisoned.into_inner().recv(),
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        // Every sender (the hasher and its clones) is gone.
+                        Err(_) => return,
+                    }
+                }
+            })
+            .map_err(|e| format!("starting a hashing thread: {e}"))?;
+    }
+    Ok(tx)
 }
 
 fn internal(message: String) -> WireError {

@@ -25,7 +25,10 @@ pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<
     let mut sessions = Vec::new();
     for m in members {
         let c = m.client;
-        let token = c.session().map(|s| s.session_token.clone()).unwrap_or_default();
+        let token = c
+            .session()
+            .map(|s| s.session_token.clone())
+            .unwrap_or_default();
         sessions.push((m.index, m.user_id, token, c.options().clone()));
         c.close().await;
     }
