@@ -66,6 +66,15 @@ fn message(from: &User, to: Recipient, client_msg_id: &str) -> NewMessage {
     }
 }
 
+/// A group of `members` created by `creator` (limit 10), for tests that only need its id.
+async fn new_group(store: &dyn Store, creator: &User, name: &str, members: &[UserId]) -> GroupId {
+    store
+        .create_group(creator.id, name, members, 10, 1)
+        .await
+        .unwrap()
+        .id
+}
+
 async fn dm(store: &dyn Store, from: &User, to: &User, client_msg_id: &str) -> Appended {
     store
         .append_message(message(from, Recipient::User(to.id), client_msg_id))
@@ -246,16 +255,8 @@ pub(crate) async fn deleted_account_frees_the_name_and_keeps_its_messages(store:
     let bob = create(store, "bob").await;
     let carol = create(store, "carol").await;
     let device = login(store, &alice, 1).await;
-    let shared = store
-        .create_group(alice.id, "shared", &[bob.id, carol.id], 10, 1)
-        .await
-        .unwrap()
-        .id;
-    let alone = store
-        .create_group(alice.id, "alone", &[], 10, 1)
-        .await
-        .unwrap()
-        .id;
+    let shared = new_group(store, &alice, "shared", &[bob.id, carol.id]).await;
+    let alone = new_group(store, &alice, "alone", &[]).await;
     let sent = dm(store, &alice, &bob, "hello").await;
     to_group(store, &alice, shared, "to the group").await;
 
@@ -489,11 +490,7 @@ pub(crate) async fn group_message_fans_out_to_every_member(store: &dyn Store) {
     let bob = create(store, "bob").await;
     let carol = create(store, "carol").await;
     let dave = create(store, "dave").await;
-    let group = store
-        .create_group(alice.id, "team", &[bob.id, carol.id], 10, 1)
-        .await
-        .unwrap()
-        .id;
+    let group = new_group(store, &alice, "team", &[bob.id, carol.id]).await;
     dm(store, &bob, &carol, "warm-up").await;
 
     let appended = to_group(store, &bob, group, "hi all").await;
@@ -514,11 +511,7 @@ pub(crate) async fn non_member_cannot_send_to_a_group(store: &dyn Store) {
     let alice = create(store, "alice").await;
     let bob = create(store, "bob").await;
     let dave = create(store, "dave").await;
-    let group = store
-        .create_group(alice.id, "team", &[bob.id], 10, 1)
-        .await
-        .unwrap()
-        .id;
+    let group = new_group(store, &alice, "team", &[bob.id]).await;
     let earlier = to_group(store, &bob, group, "earlier").await;
 
     assert_err(
@@ -641,16 +634,8 @@ pub(crate) async fn group_history_is_for_members_only(store: &dyn Store) {
     let alice = create(store, "alice").await;
     let bob = create(store, "bob").await;
     let carol = create(store, "carol").await;
-    let group = store
-        .create_group(alice.id, "team", &[bob.id], 10, 1)
-        .await
-        .unwrap()
-        .id;
-    let other = store
-        .create_group(alice.id, "other", &[bob.id], 10, 1)
-        .await
-        .unwrap()
-        .id;
+    let group = new_group(store, &alice, "team", &[bob.id]).await;
+    let other = new_group(store, &alice, "other", &[bob.id]).await;
     for i in 1..=5 {
         let from = if i % 2 == 0 { &alice } else { &bob };
         to_group(store, from, group, &format!("g{i}")).await;
@@ -683,16 +668,8 @@ pub(crate) async fn conversations_list_each_chat_once_newest_first(store: &dyn S
     let alice = create(store, "alice").await;
     let bob = create(store, "bob").await;
     let carol = create(store, "carol").await;
-    let team = store
-        .create_group(alice.id, "team", &[bob.id], 10, 1)
-        .await
-        .unwrap()
-        .id;
-    let left = store
-        .create_group(bob.id, "left", &[alice.id], 10, 1)
-        .await
-        .unwrap()
-        .id;
+    let team = new_group(store, &alice, "team", &[bob.id]).await;
+    let left = new_group(store, &bob, "left", &[alice.id]).await;
     dm(store, &alice, &bob, "d1").await;
     to_group(store, &bob, left, "l1").await;
     dm(store, &carol, &alice, "d2").await;
@@ -880,11 +857,7 @@ pub(crate) async fn leaving_hands_admin_to_the_longest_standing_member(store: &d
     let carol = create(store, "carol").await;
     let dave = create(store, "dave").await;
     // dave joins after carol, so carol is the longer-standing of the two.
-    let group = store
-        .create_group(alice.id, "team", &[bob.id, carol.id], 10, 1)
-        .await
-        .unwrap()
-        .id;
+    let group = new_group(store, &alice, "team", &[bob.id, carol.id]).await;
     store
         .add_members(alice.id, group, &[dave.id], 10)
         .await
