@@ -13,6 +13,7 @@
 //!   by page at the pace its socket accepts, clears the mark, and reads once more to cover the
 //!   window in which live pushes were skipped. Memory stays bounded by the queue and one page.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use messenger_protocol::pb;
@@ -93,13 +94,22 @@ enum PumpEnd {
 impl Pump {
     async fn run(&mut self, live: &mut mpsc::Receiver<InboxEntry>) -> Result<(), PumpEnd> {
         self.catch_up(None).await?;
+        let mut out_of_order = BTreeMap::new();
         while let Some(entry) = live.recv().await {
             if entry.seq > Seq(self.last.0 + 1) {
-                // Read the hole (and possibly this entry) from the store.
-                self.catch_up(Some(entry.seq)).await?;
-            }
-            if entry.seq == Seq(self.last.0 + 1) {
-                self.send(&entry).await?;
+                // Usually the missing entry is a push from another sender's task that is a
+                // moment behind: let it land and take everything queued, in seq order, before
+                // paying for a store read.
+                tokio::task::yield_now().await;
+                out_of_order.insert(entry.seq, entry);
+                while let Ok(e) = live.try_recv() {
+                    out_of_order.insert(e.seq, e);
+                }
+                for (_, e) in std::mem::take(&mut out_of_order) {
+                    self.deliver_live(&e).await?;
+                }
+            } else {
+                self.deliver_live(&entry).await?;
             }
             if self.handle.is_lagging() {
                 self.catch_up(None).await?;
@@ -107,6 +117,18 @@ impl Pump {
                 // Pushes skipped between the last read and clearing the mark are in the store.
                 self.catch_up(None).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// One live entry: skipped if already sent, the hole before it read from the store (where
+    /// it is committed: seq order is commit order), then sent.
+    async fn deliver_live(&mut self, entry: &InboxEntry) -> Result<(), PumpEnd> {
+        if entry.seq > Seq(self.last.0 + 1) {
+            self.catch_up(Some(entry.seq)).await?;
+        }
+        if entry.seq == Seq(self.last.0 + 1) {
+            self.send(entry).await?;
         }
         Ok(())
     }
