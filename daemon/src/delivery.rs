@@ -94,18 +94,17 @@ enum PumpEnd {
 impl Pump {
     async fn run(&mut self, live: &mut mpsc::Receiver<InboxEntry>) -> Result<(), PumpEnd> {
         self.catch_up(None).await?;
-        let mut out_of_order = BTreeMap::new();
         while let Some(entry) = live.recv().await {
             if entry.seq > Seq(self.last.0 + 1) {
                 // Usually the missing entry is a push from another sender's task that is a
                 // moment behind: let it land and take everything queued, in seq order, before
                 // paying for a store read.
                 tokio::task::yield_now().await;
-                out_of_order.insert(entry.seq, entry);
+                let mut queued = BTreeMap::from([(entry.seq, entry)]);
                 while let Ok(e) = live.try_recv() {
-                    out_of_order.insert(e.seq, e);
+                    queued.insert(e.seq, e);
                 }
-                for (_, e) in std::mem::take(&mut out_of_order) {
+                for e in queued.into_values() {
                     self.deliver_live(&e).await?;
                 }
             } else {
