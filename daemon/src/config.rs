@@ -26,6 +26,10 @@ pub struct Config {
     pub sessions: Sessions,
     pub passwords: Passwords,
     pub store: StoreConfig,
+    pub cluster: ClusterConfig,
+    /// Expect a PROXY protocol v2 header on every client connection (behind HAProxy with
+    /// `send-proxy-v2`), so limits and logs see the client's address, not the balancer's.
+    pub proxy_protocol: bool,
 }
 
 impl Default for Config {
@@ -41,6 +45,8 @@ impl Default for Config {
             sessions: Sessions::default(),
             passwords: Passwords::default(),
             store: StoreConfig::default(),
+            cluster: ClusterConfig::default(),
+            proxy_protocol: false,
         }
     }
 }
@@ -198,6 +204,18 @@ impl Default for Passwords {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// Which backend keeps durable state: the embedded SQLite file, or PostgreSQL (needed
+    /// when several daemons share one deployment).
+    pub backend: StoreBackend,
+    /// PostgreSQL connection URL (`postgres://user:password@host:port/dbname`). When unset,
+    /// `DB_HOST`, `DB_PORT`, `DB_USER`, `DB_PASSWORD` and `DB_NAME` are used.
+    pub postgres_url: Option<String>,
+    /// Connections in the PostgreSQL pool.
+    pub postgres_pool_size: u32,
+    /// Seconds to wait for a pooled PostgreSQL connection before a request fails `unavailable`.
+    pub postgres_timeout_secs: u64,
+    /// Apply pending migrations at start (`messengerd migrate` does it explicitly).
+    pub migrate_on_start: bool,
     /// SQLite database file; default `<data_dir>/messenger.db`.
     pub sqlite_path: Option<PathBuf>,
     /// fsync every group commit (true) or leave it to the OS (false: faster, but a power loss
@@ -208,9 +226,56 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            backend: StoreBackend::Sqlite,
+            postgres_url: None,
+            postgres_pool_size: 16,
+            postgres_timeout_secs: 5,
+            migrate_on_start: true,
             sqlite_path: None,
             sqlite_sync_full: true,
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    Sqlite,
+    Postgres,
+}
+
+/// Running as one of several nodes: Redis carries presence and cross-node delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Redis URL (`redis://host:port/db`); when unset the daemon runs alone.
+    pub redis_url: Option<String>,
+    /// This node's name in presence and logs; default: host name, process id and a random
+    /// suffix, so two processes never share one.
+    pub node_id: Option<String>,
+    /// Seconds between this node's heartbeats in Redis.
+    pub heartbeat_secs: u64,
+    /// Seconds after its last heartbeat a node counts as gone.
+    pub node_ttl_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            node_id: None,
+            heartbeat_secs: 1,
+            node_ttl_secs: 5,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
+    }
+    pub fn node_ttl(&self) -> Duration {
+        Duration::from_secs(self.node_ttl_secs)
     }
 }
 
@@ -242,6 +307,22 @@ impl Config {
         }
         if l.messages_per_second == 0 {
             return Err("limits.messages_per_second must be > 0".into());
+        }
+        if self.cluster.redis_url.is_some() && self.store.backend != StoreBackend::Postgres {
+            return Err(
+                "cluster.redis_url needs store.backend = \"postgres\": nodes must share one store"
+                    .into(),
+            );
+        }
+        if self.cluster.heartbeat_secs == 0
+            || self.cluster.node_ttl_secs <= self.cluster.heartbeat_secs
+        {
+            return Err(
+                "cluster.heartbeat_secs must be > 0 and below cluster.node_ttl_secs".into(),
+            );
+        }
+        if self.store.postgres_pool_size == 0 {
+            return Err("store.postgres_pool_size must be > 0".into());
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err("tls.cert and tls.key must be set together".into());
@@ -294,6 +375,30 @@ pub struct Overrides {
     /// TLS private key (PEM)
     #[arg(long, env = "MESSENGER_TLS_KEY", global = true)]
     pub tls_key: Option<PathBuf>,
+    /// Store backend [default: sqlite]
+    #[arg(long, env = "MESSENGER_STORE_BACKEND", value_enum, global = true)]
+    pub store_backend: Option<StoreBackend>,
+    /// PostgreSQL URL [default: built from DB_HOST, DB_PORT, DB_USER, DB_PASSWORD, DB_NAME]
+    #[arg(long, env = "MESSENGER_POSTGRES_URL", global = true)]
+    pub postgres_url: Option<String>,
+    /// PostgreSQL pool size [default: 16]
+    #[arg(long, env = "MESSENGER_POSTGRES_POOL_SIZE", global = true)]
+    pub postgres_pool_size: Option<u32>,
+    /// Seconds to wait for a pooled PostgreSQL connection [default: 5]
+    #[arg(long, env = "MESSENGER_POSTGRES_TIMEOUT", global = true)]
+    pub postgres_timeout: Option<u64>,
+    /// Apply pending migrations at start [default: true]
+    #[arg(long, env = "MESSENGER_MIGRATE_ON_START", global = true)]
+    pub migrate_on_start: Option<bool>,
+    /// Redis URL; set it to run as one node of a cluster [default: none]
+    #[arg(long, env = "MESSENGER_REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+    /// This node's id [default: host-pid-random]
+    #[arg(long, env = "MESSENGER_NODE_ID", global = true)]
+    pub node_id: Option<String>,
+    /// Expect PROXY protocol v2 headers on client connections [default: false]
+    #[arg(long, env = "MESSENGER_PROXY_PROTOCOL", global = true)]
+    pub proxy_protocol: Option<bool>,
     /// SQLite database file [default: <data-dir>/messenger.db]
     #[arg(long, env = "MESSENGER_SQLITE_PATH", global = true)]
     pub sqlite_path: Option<PathBuf>,
@@ -401,6 +506,20 @@ impl Overrides {
             c.store.sqlite_path = self.sqlite_path.clone();
         }
         set(&mut c.store.sqlite_sync_full, &self.sqlite_sync_full);
+        set(&mut c.store.backend, &self.store_backend);
+        if self.postgres_url.is_some() {
+            c.store.postgres_url = self.postgres_url.clone();
+        }
+        set(&mut c.store.postgres_pool_size, &self.postgres_pool_size);
+        set(&mut c.store.postgres_timeout_secs, &self.postgres_timeout);
+        set(&mut c.store.migrate_on_start, &self.migrate_on_start);
+        if self.redis_url.is_some() {
+            c.cluster.redis_url = self.redis_url.clone();
+        }
+        if self.node_id.is_some() {
+            c.cluster.node_id = self.node_id.clone();
+        }
+        set(&mut c.proxy_protocol, &self.proxy_protocol);
         let l = &mut c.limits;
         set(&mut l.max_frame_bytes, &self.max_frame_bytes);
         set(&mut l.max_body_bytes, &self.max_body_bytes);
