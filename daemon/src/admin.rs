@@ -1,5 +1,6 @@
 //! Admin HTTP on its own (by default loopback) address: `/healthz` (the process serves),
-//! `/readyz` (the store answers), `/metrics` (Prometheus text). Never exposes user data.
+//! `/readyz` (the store answers, and Redis when clustered), `/metrics` (Prometheus text).
+//! Never exposes user data.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -50,14 +51,7 @@ async fn respond(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        (&Method::GET, "/readyz") => match shared.store.inbox_head(UserId(0)).await {
-            Ok(_) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
-            Err(e) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                format!("store: {e}\n"),
-            ),
-        },
+        (&Method::GET, "/readyz") => readiness(&shared).await,
         (&Method::GET, "/metrics") => {
             metrics::online_users(shared.hub.online_users());
             (
@@ -78,4 +72,30 @@ async fn respond(
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     Ok(resp)
+}
+
+/// Ready when the store answers and, in a cluster, Redis answered the last heartbeat. A node
+/// cut off from Redis would still serve (messages are safe in the store) but its clients would
+/// get other nodes' messages only by polling, so the balancer should prefer the others. If
+/// Redis is down for every node, every node reports it: the balancer config (deploy/) keeps
+/// routing to them then rather than refusing everyone.
+async fn readiness(shared: &Shared) -> (StatusCode, &'static str, String) {
+    let store = shared.store.inbox_head(UserId(0)).await;
+    let redis = shared.cluster.as_ref().map(|c| c.is_healthy());
+    let mut body = match &store {
+        Ok(_) => "store: ok\n".to_string(),
+        Err(e) => format!("store: {e}\n"),
+    };
+    match redis {
+        Some(true) => body.push_str("redis: ok\n"),
+        Some(false) => body.push_str("redis: unreachable\n"),
+        None => {}
+    }
+    let ready = store.is_ok() && redis != Some(false);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, "text/plain", body)
 }

@@ -47,6 +47,9 @@ pub async fn accept(shared: &Shared, message: NewMessage) -> StoreResult<Appende
                 },
             );
         }
+        if let Some(cluster) = &shared.cluster {
+            cluster.route(&appended);
+        }
     }
     Ok(appended)
 }
@@ -94,7 +97,17 @@ enum PumpEnd {
 impl Pump {
     async fn run(&mut self, live: &mut mpsc::Receiver<InboxEntry>) -> Result<(), PumpEnd> {
         self.catch_up(None).await?;
-        while let Some(entry) = live.recv().await {
+        loop {
+            let entry = tokio::select! {
+                entry = live.recv() => match entry {
+                    Some(entry) => entry,
+                    None => return Ok(()),
+                },
+                () = self.handle.catch_up_requested() => {
+                    self.catch_up(None).await?;
+                    continue;
+                }
+            };
             if entry.seq > Seq(self.last.0 + 1) {
                 // Usually the missing entry is a push from another sender's task that is a
                 // moment behind: let it land and take everything queued, in seq order, before
@@ -117,7 +130,6 @@ impl Pump {
                 self.catch_up(None).await?;
             }
         }
-        Ok(())
     }
 
     /// One live entry: skipped if already sent, the hole before it read from the store (where

@@ -12,10 +12,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use messenger_protocol::WireError;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
@@ -32,9 +32,33 @@ pub struct ConnHandle {
     /// Cancelled when the connection must close (session revoked, account deleted).
     kicked: CancellationToken,
     kick_reason: Mutex<Option<WireError>>,
+    /// Cluster-wide connect epoch of this device's connection (0 until assigned, and when
+    /// running alone): a node seeing a newer epoch for the device elsewhere closes this one.
+    epoch: AtomicU64,
+    /// Wakes the pump to read the store even though no live push arrived (pushes from other
+    /// nodes may have been lost while Redis was unreachable).
+    catch_up: Notify,
 }
 
 impl ConnHandle {
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// Resolves when someone asked this connection to catch up from the store.
+    pub async fn catch_up_requested(&self) {
+        self.catch_up.notified().await;
+    }
+
+    pub fn request_catch_up(&self) {
+        // notify_one keeps a permit when the pump is busy, so the request is never lost.
+        self.catch_up.notify_one();
+    }
+
     /// True while the connection catches up from the store instead of taking live pushes.
     pub fn is_lagging(&self) -> bool {
         self.lagging.load(Ordering::Acquire)
@@ -81,11 +105,29 @@ impl ConnHandle {
 
 type Shard = Mutex<HashMap<UserId, Vec<Arc<ConnHandle>>>>;
 
+/// What the cluster layer needs to hear about, in the order it happened per user (events are
+/// sent while the user's shard is locked).
+#[derive(Debug)]
+pub enum HubEvent {
+    /// A connection signed in.
+    Connected { handle: Arc<ConnHandle> },
+    /// The user's last live connection here went away.
+    Gone { user: UserId },
+    /// A request asked to close connections of `user` (all devices when `devices` is `None`),
+    /// wherever they are.
+    Kick {
+        user: UserId,
+        devices: Option<Vec<DeviceId>>,
+        reason: WireError,
+    },
+}
+
 pub struct Hub {
     shards: Box<[Shard]>,
     mask: usize,
     next_conn_id: AtomicU64,
     live_queue: usize,
+    observer: OnceLock<mpsc::UnboundedSender<HubEvent>>,
 }
 
 impl Hub {
@@ -98,6 +140,20 @@ impl Hub {
             mask: count - 1,
             next_conn_id: AtomicU64::new(1),
             live_queue,
+            observer: OnceLock::new(),
+        }
+    }
+
+    /// Starts reporting `HubEvent`s (once; the cluster layer calls it before serving).
+    pub fn observe(&self) -> Option<mpsc::UnboundedReceiver<HubEvent>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.observer.set(tx).ok().map(|()| rx)
+    }
+
+    fn report(&self, event: HubEvent) {
+        if let Some(observer) = self.observer.get() {
+            // Closed only while shutting down, when nobody needs the event any more.
+            let _ = observer.send(event);
         }
     }
 
@@ -130,6 +186,8 @@ impl Hub {
             lagging: AtomicBool::new(false),
             kicked: CancellationToken::new(),
             kick_reason: Mutex::new(None),
+            epoch: AtomicU64::new(0),
+            catch_up: Notify::new(),
         });
         let replaced: Vec<Arc<ConnHandle>> = {
             let mut shard = self.lock(user);
@@ -137,6 +195,9 @@ impl Hub {
             let (old, keep): (Vec<_>, Vec<_>) = conns.drain(..).partition(|c| c.device == device);
             *conns = keep;
             conns.push(handle.clone());
+            self.report(HubEvent::Connected {
+                handle: handle.clone(),
+            });
             old
         };
         for old in replaced {
@@ -151,9 +212,13 @@ impl Hub {
     pub fn unregister(&self, handle: &ConnHandle) {
         let mut shard = self.lock(handle.user);
         if let Some(conns) = shard.get_mut(&handle.user) {
+            let before = conns.len();
             conns.retain(|c| c.conn_id != handle.conn_id);
             if conns.is_empty() {
                 shard.remove(&handle.user);
+                if before > 0 {
+                    self.report(HubEvent::Gone { user: handle.user });
+                }
             }
         }
     }
@@ -169,13 +234,76 @@ impl Hub {
         }
     }
 
-    /// Closes the live connections of `user` whose device is in `devices` (all when `None`).
+    /// Closes the connections of `user` whose device is in `devices` (all when `None`), here
+    /// and, through the cluster layer, on every other node.
     pub fn kick(&self, user: UserId, devices: Option<&[DeviceId]>, reason: &WireError) {
+        self.kick_local(user, devices, reason);
+        self.report(HubEvent::Kick {
+            user,
+            devices: devices.map(<[DeviceId]>::to_vec),
+            reason: reason.clone(),
+        });
+    }
+
+    /// As `kick`, on this node only (a kick that came from another node).
+    pub fn kick_local(&self, user: UserId, devices: Option<&[DeviceId]>, reason: &WireError) {
         for conn in self.connections_of(user) {
             if devices.is_none_or(|d| d.contains(&conn.device)) {
                 conn.kick(reason.clone());
             }
         }
+    }
+
+    /// Closes this node's connection of `device` if a newer one (higher epoch) exists
+    /// elsewhere. Connections whose epoch is not known yet are left alone: when it arrives it
+    /// is the newer one.
+    pub fn fence(&self, user: UserId, device: DeviceId, epoch: u64) -> usize {
+        let mut closed = 0;
+        for conn in self.connections_of(user) {
+            let mine = conn.epoch();
+            if conn.device == device && mine != 0 && mine < epoch {
+                conn.kick(WireError::new(
+                    messenger_protocol::ErrorCode::Unauthenticated,
+                    "this device's session was resumed on a newer connection",
+                ));
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Every live connection on this node.
+    pub fn connections(&self) -> Vec<Arc<ConnHandle>> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .flatten()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Asks every connection here to read its inbox from the store: pushes may have been lost
+    /// on their way from other nodes.
+    pub fn catch_up_all(&self) -> usize {
+        let conns = self.connections();
+        for conn in &conns {
+            conn.request_catch_up();
+        }
+        conns.len()
+    }
+
+    /// Closes every connection here with `reason` (a node that was cut off from the cluster).
+    pub fn kick_all(&self, reason: &WireError) -> usize {
+        let conns = self.connections();
+        for conn in &conns {
+            conn.kick(reason.clone());
+        }
+        conns.len()
     }
 
     /// Number of users with at least one live connection.

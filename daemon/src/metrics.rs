@@ -24,6 +24,14 @@ pub const AUTH_FAILURES: &str = "messenger_auth_failures_total";
 pub const STORE_SECONDS: &str = "messenger_store_seconds";
 pub const PASSWORD_HASH_SECONDS: &str = "messenger_password_hash_seconds";
 pub const ONLINE_USERS: &str = "messenger_online_users";
+pub const CLUSTER_REDIS_UP: &str = "messenger_cluster_redis_up";
+pub const CLUSTER_LIVE_NODES: &str = "messenger_cluster_live_nodes";
+pub const CLUSTER_PUBLISHED: &str = "messenger_cluster_deliveries_published_total";
+pub const CLUSTER_RECEIVED: &str = "messenger_cluster_deliveries_received_total";
+pub const CLUSTER_PUBLISH_FAILURES: &str = "messenger_cluster_publish_failures_total";
+pub const CLUSTER_FENCED: &str = "messenger_cluster_fenced_connections_total";
+pub const CLUSTER_CATCH_UPS: &str = "messenger_cluster_catch_up_all_total";
+pub const CLUSTER_CUT_OFF: &str = "messenger_cluster_cut_off_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -122,4 +130,38 @@ pub async fn timed_store<T>(op: &'static str, fut: impl Future<Output = T>) -> T
     let out = fut.await;
     histogram!(STORE_SECONDS, "op" => op).record(start.elapsed().as_secs_f64());
     out
+}
+
+pub fn cluster_redis_up(up: bool) {
+    gauge!(CLUSTER_REDIS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn cluster_live_nodes(n: usize) {
+    gauge!(CLUSTER_LIVE_NODES).set(n as f64);
+}
+
+pub fn cluster_published(n: u64) {
+    counter!(CLUSTER_PUBLISHED).increment(n);
+}
+
+pub fn cluster_received(n: u64) {
+    counter!(CLUSTER_RECEIVED).increment(n);
+}
+
+/// `what`: "deliveries" (lost on the way; recovered by a catch-up) or "control".
+pub fn cluster_publish_failed(what: &'static str) {
+    counter!(CLUSTER_PUBLISH_FAILURES, "what" => what).increment(1);
+}
+
+pub fn cluster_fenced(n: u64) {
+    counter!(CLUSTER_FENCED).increment(n);
+}
+
+/// `why`: "resubscribed", "redis_recovered", "redis_down_poll", "peer_request".
+pub fn cluster_catch_up_all(why: &'static str) {
+    counter!(CLUSTER_CATCH_UPS, "why" => why).increment(1);
+}
+
+pub fn cluster_cut_off() {
+    counter!(CLUSTER_CUT_OFF).increment(1);
 }

@@ -33,6 +33,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("store: {0}")]
     Store(#[from] store::StoreError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -89,7 +91,14 @@ impl RunningServer {
             })?;
         let addr = local_addr(&listener, config.listen)?;
         let admin_addr = local_addr(&admin_listener, config.admin_listen)?;
-        let shared = Arc::new(Shared::new(config, store).map_err(StartError::Config)?);
+        let mut shared = Shared::new(config, store).map_err(StartError::Config)?;
+        if let Some(url) = shared.config.cluster.redis_url.clone() {
+            let cluster =
+                crate::cluster::Cluster::start(&shared.config.cluster, &url, shared.hub.clone())
+                    .await?;
+            shared.cluster = Some(cluster);
+        }
+        let shared = Arc::new(shared);
         let shutdown = CancellationToken::new();
         let sessions = TaskTracker::new();
         let accept_task = tokio::spawn(accept_loop(
@@ -140,6 +149,9 @@ impl RunningServer {
             warn!("some connections did not drain in time");
         }
         let _ = self.admin_task.await;
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.shutdown().await;
+        }
         if let Err(e) = self.shared.store.close().await {
             warn!(error = %e, "closing the store");
         }

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::auth::PasswordHasher;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::WindowLimiter;
@@ -13,7 +14,9 @@ use crate::store::Store;
 pub struct Shared {
     pub config: Config,
     pub store: Arc<dyn Store>,
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
+    /// Set when running as one node of several (Redis routing).
+    pub cluster: Option<Arc<Cluster>>,
     pub passwords: PasswordHasher,
     /// Login and register attempts per client IP.
     pub auth_per_ip: WindowLimiter<IpAddr>,
@@ -24,7 +27,8 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Config, store: Arc<dyn Store>) -> Result<Self, String> {
         Ok(Self {
-            hub: Hub::new(config.limits.outbound_queue),
+            hub: Arc::new(Hub::new(config.limits.outbound_queue)),
+            cluster: None,
             passwords: PasswordHasher::new(&config.passwords)?,
             auth_per_ip: WindowLimiter::new(config.limits.auth_attempts_per_ip),
             login_failures: WindowLimiter::new(config.limits.login_failures_per_account),
