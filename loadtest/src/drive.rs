@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use messenger_protocol::client::{Client, Connection, Event, Recipient};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::checker::{ReceiverLog, SenderLog, Target, new_histogram};
@@ -94,9 +95,14 @@ pub enum Pace {
 
 /// Sends stamped messages from user `me` to `to` until the run stops sending.
 /// `recipients` is how many deliveries each accepted message owes (excluding the sender).
+///
+/// A send that fails because the connection went away (a node died, a GoAway) or the server
+/// was briefly unavailable is retried with the same `client_msg_id` on the connection the
+/// receiver reconnected, as a real client retries: the server's idempotency makes the retry
+/// safe, and the checker then proves nothing was lost or doubled across the failure.
 pub async fn send_loop(
     run: Arc<Run>,
-    conn: Connection,
+    mut conn: watch::Receiver<Connection>,
     me: u32,
     target: Target,
     to: Recipient,
@@ -115,7 +121,7 @@ pub async fn send_loop(
     let mut next =
         run.epoch.elapsed() + interval.map_or(Duration::ZERO, |i| i.mul_f64(rand::random::<f64>()));
     let mut seq = 0u64;
-    loop {
+    'sending: loop {
         if interval.is_some() {
             let at = run.epoch + next;
             tokio::select! {
@@ -142,25 +148,45 @@ pub async fn send_loop(
         .encode(run.body_size);
         run.sent.fetch_add(1, Ordering::Relaxed);
         let client_msg_id = format!("{:x}-{me}-{seq}", run.id);
-        match conn
-            .send_message(to, &client_msg_id, body, "application/x-loadtest")
-            .await
-        {
-            Ok(_) => {
-                log.accepted.push((seq, target));
-                run.owed.fetch_add(recipients, Ordering::AcqRel);
-                run.accepted.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                log.failed += 1;
-                let key = match e.wire_code() {
-                    Some(c) => format!("send: {}", messenger_protocol::error::code_name(c)),
-                    None => format!("send: {e}"),
-                };
-                run.error(key);
-                if conn.is_closed() {
+        loop {
+            let current = conn.borrow_and_update().clone();
+            let e = match current
+                .send_message(to, &client_msg_id, body.clone(), "application/x-loadtest")
+                .await
+            {
+                Ok(_) => {
+                    log.accepted.push((seq, target));
+                    run.owed.fetch_add(recipients, Ordering::AcqRel);
+                    run.accepted.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
+                Err(e) => e,
+            };
+            let key = match e.wire_code() {
+                Some(c) => format!("send: {}", messenger_protocol::error::code_name(c)),
+                None => format!("send: {e}"),
+            };
+            run.error(key);
+            let retry =
+                (current.is_closed() || e.is_transient()) && !run.stop_sending.is_cancelled();
+            if !retry {
+                log.failed += 1;
+                if current.is_closed() {
+                    break 'sending;
+                }
+                break;
+            }
+            // Wait for the receiver's reconnect (or a moment, for a transient refusal).
+            tokio::select! {
+                _ = run.stop_sending.cancelled() => {
+                    log.failed += 1;
+                    break 'sending;
+                }
+                changed = conn.changed(), if current.is_closed() => if changed.is_err() {
+                    log.failed += 1;
+                    break 'sending;
+                },
+                _ = tokio::time::sleep(Duration::from_millis(100)), if !current.is_closed() => {}
             }
         }
     }
@@ -169,7 +195,12 @@ pub async fn send_loop(
 
 /// Receives for user `me` until the run stops receiving; acks every 256 deliveries and when
 /// idle, as a real client would.
-pub async fn receive_loop(run: Arc<Run>, mut client: Client, me: u32) -> (ReceiverLog, Client) {
+pub async fn receive_loop(
+    run: Arc<Run>,
+    mut client: Client,
+    me: u32,
+    conn: watch::Sender<Connection>,
+) -> (ReceiverLog, Client) {
     let mut log = ReceiverLog::new(me);
     let mut unacked = 0u32;
     loop {
@@ -213,11 +244,13 @@ pub async fn receive_loop(run: Arc<Run>, mut client: Client, me: u32) -> (Receiv
                 if client.reconnect_with_backoff(10).await.is_err() {
                     break;
                 }
+                conn.send_replace(client.conn().clone());
             }
             Ok(None) => {
                 if client.reconnect_with_backoff(10).await.is_err() {
                     break;
                 }
+                conn.send_replace(client.conn().clone());
             }
         }
     }

@@ -3,15 +3,7 @@
 //! message reached every intended recipient exactly once and in order. Exits non-zero when the
 //! check finds any loss, duplicate, reordering or misdelivery.
 
-mod checker;
-mod daemon_metrics;
-mod drive;
-mod fleet;
-mod payload;
-mod peers;
-mod report;
-mod scenarios;
-mod stats;
+use messenger_loadtest::{daemon_metrics, fleet, payload, peers, report, scenarios, stats};
 
 use std::path::PathBuf;
 use std::time::Duration;

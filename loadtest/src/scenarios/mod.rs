@@ -161,11 +161,13 @@ pub async fn run_messaging(
     let mut conns = std::collections::HashMap::new();
     let mut receivers = Vec::new();
     for m in members {
-        conns.insert(m.index, m.client.conn().clone());
+        let (conn_tx, conn_rx) = tokio::sync::watch::channel(m.client.conn().clone());
+        conns.insert(m.index, conn_rx);
         receivers.push(tokio::spawn(drive::receive_loop(
             run.clone(),
             m.client,
             m.index,
+            conn_tx,
         )));
     }
     let mut sender_tasks = Vec::new();
