@@ -81,7 +81,10 @@ fn the_local_cluster_script_parses() {
     );
     let text = read("local-cluster");
     assert!(text.contains("set -euo pipefail"), "strict mode");
-    assert!(text.contains("--proxy-protocol true"), "nodes expect HAProxy's header");
+    assert!(
+        text.contains("--proxy-protocol true"),
+        "nodes expect HAProxy's header"
+    );
 }
 
 fn environment_of(service: &Value) -> &serde_norway::Mapping {
@@ -183,7 +186,10 @@ fn the_deployment_manager_config_imports_the_template() {
         "/readyz",
         "portRange: \"7443\"",
     ] {
-        assert!(template.contains(needle), "messenger.jinja lacks {needle:?}");
+        assert!(
+            template.contains(needle),
+            "messenger.jinja lacks {needle:?}"
+        );
     }
 }
 
@@ -210,7 +216,10 @@ fn the_systemd_unit_is_valid_and_hardened() {
         );
     }
     for section in ["[Unit]", "[Service]", "[Install]"] {
-        assert!(lines.contains(&section), "messengerd.service lacks {section}");
+        assert!(
+            lines.contains(&section),
+            "messengerd.service lacks {section}"
+        );
     }
     if !tool_exists("systemd-analyze") {
         return;
