@@ -10,6 +10,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod model;
+pub mod proxy_protocol;
 mod requests;
 pub mod server;
 mod session;

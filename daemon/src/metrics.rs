@@ -12,6 +12,7 @@ pub const CONNECTIONS: &str = "messenger_connections";
 pub const CONNECTIONS_TOTAL: &str = "messenger_connections_accepted_total";
 pub const CONNECTIONS_REFUSED: &str = "messenger_connections_refused_total";
 pub const HANDSHAKE_FAILURES: &str = "messenger_tls_handshake_failures_total";
+pub const PROXY_HEADER_REJECTED: &str = "messenger_proxy_header_rejected_total";
 pub const FRAMES_IN: &str = "messenger_frames_in_total";
 pub const FRAMES_OUT: &str = "messenger_frames_out_total";
 pub const MESSAGES_ACCEPTED: &str = "messenger_messages_accepted_total";
@@ -78,6 +79,11 @@ pub fn connection_refused(reason: &'static str) {
 
 pub fn handshake_failed() {
     counter!(HANDSHAKE_FAILURES).increment(1);
+}
+
+/// A connection closed because it lacked a valid PROXY v2 header (`proxy_protocol` on).
+pub fn proxy_header_rejected(reason: &'static str) {
+    counter!(PROXY_HEADER_REJECTED, "reason" => reason).increment(1);
 }
 
 pub fn frame_in() {

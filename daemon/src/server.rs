@@ -1,5 +1,5 @@
-//! The listener: accepts TCP, enforces connection limits, runs the TLS handshake with ALPN
-//! `messenger/1` under the handshake timeout, and hands each connection to a session task.
+//! The listener: accepts TCP, reads the balancer's PROXY v2 header when configured, enforces
+//! connection limits, runs the TLS handshake with ALPN `messenger/1` under the handshake timeout, and hands each connection to a session task.
 //! Owns shutdown: stop accepting, tell every session to send `GoAway`, wait for the drain,
 //! close the store.
 
@@ -20,6 +20,7 @@ use crate::admin;
 use crate::config::Config;
 use crate::limits::ConnectionsPerIp;
 use crate::metrics;
+use crate::proxy_protocol;
 use crate::session;
 use crate::state::Shared;
 use crate::store::{self, Store};
@@ -198,20 +199,51 @@ async fn accept_loop(
             metrics::connection_refused("max_connections");
             continue;
         };
-        let Some(ip_permit) = per_ip.acquire(peer.ip()) else {
-            metrics::connection_refused("max_connections_per_ip");
-            continue;
-        };
         let shared = shared.clone();
         let tls = tls.clone();
+        let per_ip = per_ip.clone();
         let shutdown = shutdown.clone();
         sessions.spawn(async move {
-            let _permits = (permit, ip_permit);
-            metrics::connection_opened();
-            handle_connection(shared, tls, tcp, peer, shutdown).await;
-            metrics::connection_closed();
+            let _permit = permit;
+            serve_connection(shared, tls, tcp, peer, per_ip, shutdown).await;
         });
     }
+}
+
+/// One accepted socket: learns who is really on the other end (the PROXY header, when the
+/// daemon sits behind a balancer), applies the per-IP limit to that address, then runs TLS and
+/// the session.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tls: Arc<Tls>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    per_ip: ConnectionsPerIp,
+    shutdown: CancellationToken,
+) {
+    // The PROXY header and the TLS handshake share one budget, so a peer that trickles the
+    // header cannot hold a connection slot longer than one that trickles its ClientHello.
+    let deadline = Instant::now() + shared.config.timeouts.handshake();
+    let client = if shared.config.proxy_protocol {
+        match proxy_protocol::read_header_by(&mut tcp, peer, deadline).await {
+            Ok(origin) => origin.addr(),
+            Err(e) => {
+                debug!(%peer, reason = %e, "closing: no valid PROXY v2 header");
+                metrics::proxy_header_rejected(e.reason());
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    let Some(_ip_permit) = per_ip.acquire(client.ip()) else {
+        debug!(%client, "closing: too many connections from this address");
+        metrics::connection_refused("max_connections_per_ip");
+        return;
+    };
+    metrics::connection_opened();
+    handle_connection(shared, tls, tcp, client, shutdown, deadline).await;
+    metrics::connection_closed();
 }
 
 async fn handle_connection(
@@ -220,9 +252,9 @@ async fn handle_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
+    deadline: Instant,
 ) {
     let _ = tcp.set_nodelay(true);
-    let deadline = Instant::now() + shared.config.timeouts.handshake();
     // Boxed: the handshake's state (a whole rustls connection) would otherwise stay part of
     // every connection task's size for the connection's whole life.
     let accept = Box::pin(tls.acceptor.accept(tcp));

@@ -418,6 +418,23 @@ impl Connection {
     /// Connects, verifies the server per `opts.trust`, and exchanges Hello/HelloOk.
     /// The connection is not authenticated yet.
     pub async fn connect(opts: &ConnectOptions) -> Result<(Connection, Events), ClientError> {
+        Self::establish(opts, None).await
+    }
+
+    /// As [`connect`](Self::connect), over a TCP stream the caller already opened (for
+    /// example after writing a PROXY protocol header in a test that stands in for a balancer).
+    /// `opts.addr` still names the server for certificate verification.
+    pub async fn connect_stream(
+        opts: &ConnectOptions,
+        tcp: TcpStream,
+    ) -> Result<(Connection, Events), ClientError> {
+        Self::establish(opts, Some(tcp)).await
+    }
+
+    async fn establish(
+        opts: &ConnectOptions,
+        tcp: Option<TcpStream>,
+    ) -> Result<(Connection, Events), ClientError> {
         if opts.event_buffer == 0 {
             return Err(ClientError::Config(
                 "event_buffer must be at least 1".into(),
@@ -433,7 +450,10 @@ impl Connection {
         let server_name = opts.tls_server_name()?;
 
         let establish = async {
-            let tcp = connect_tcp(&opts.addr, opts.local_addr).await?;
+            let tcp = match tcp {
+                Some(tcp) => tcp,
+                None => connect_tcp(&opts.addr, opts.local_addr).await?,
+            };
             tcp.set_nodelay(true)?;
             let tls = TlsConnector::from(config)
                 .connect(server_name, tcp)

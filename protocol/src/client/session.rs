@@ -51,6 +51,24 @@ impl Client {
         })
     }
 
+    /// As [`connect`](Self::connect), over an already-open TCP stream; a later
+    /// [`reconnect`](Self::reconnect) dials `opts.addr` itself.
+    pub async fn connect_stream(
+        opts: ConnectOptions,
+        tcp: tokio::net::TcpStream,
+    ) -> Result<Client, ClientError> {
+        let (conn, events) = Connection::connect_stream(&opts, tcp).await?;
+        Ok(Client {
+            opts,
+            conn,
+            events,
+            session: None,
+            last_seen_seq: 0,
+            seq_owner: None,
+            go_away: None,
+        })
+    }
+
     /// The options every (re)connection uses.
     pub fn options(&self) -> &ConnectOptions {
         &self.opts

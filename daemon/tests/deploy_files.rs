@@ -1,0 +1,257 @@
+//! The files in deploy/ are checked by the tools that will read them (HAProxy, bash, systemd)
+//! where those are installed, and parsed as YAML otherwise, so a broken edit fails here rather
+//! than at 3 a.m. on a real host. HAProxy is required: its absence fails the test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_norway::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn read(rel: &str) -> String {
+    let path = deploy_dir().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+fn yaml(rel: &str) -> Value {
+    let mut v: Value =
+        serde_norway::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not YAML: {e}"));
+    // Compose files share settings through `<<:` merge keys; resolve them as Compose does.
+    v.apply_merge()
+        .unwrap_or_else(|e| panic!("{rel}: merge keys: {e}"));
+    v
+}
+
+fn tool_exists(name: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn haproxy_accepts_the_balancer_config() {
+    assert!(
+        tool_exists("haproxy"),
+        "haproxy is not installed; install it: apt-get install -y haproxy"
+    );
+    let cfg = deploy_dir().join("haproxy.cfg");
+    let out = Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&cfg)
+        .output()
+        .expect("run haproxy -c");
+    assert!(
+        out.status.success(),
+        "haproxy -c -f {} failed:\n{}{}",
+        cfg.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = read("haproxy.cfg");
+    for needle in [
+        "send-proxy-v2",
+        "balance leastconn",
+        "/readyz",
+        "timeout tunnel",
+    ] {
+        assert!(text.contains(needle), "haproxy.cfg lacks {needle:?}");
+    }
+}
+
+#[test]
+fn the_local_cluster_script_parses() {
+    let script = deploy_dir().join("local-cluster");
+    let out = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("run bash -n");
+    assert!(
+        out.status.success(),
+        "bash -n {}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = read("local-cluster");
+    assert!(text.contains("set -euo pipefail"), "strict mode");
+    assert!(
+        text.contains("--proxy-protocol true"),
+        "nodes expect HAProxy's header"
+    );
+}
+
+fn environment_of(service: &Value) -> &serde_norway::Mapping {
+    service
+        .get("environment")
+        .and_then(Value::as_mapping)
+        .expect("environment as a mapping")
+}
+
+#[test]
+fn compose_runs_three_nodes_with_shared_store_and_redis_behind_haproxy() {
+    let compose = yaml("docker-compose.yml");
+    let services = compose
+        .get("services")
+        .and_then(Value::as_mapping)
+        .expect("services");
+    for name in ["postgres", "redis", "haproxy", "node1", "node2", "node3"] {
+        assert!(
+            services.contains_key(name),
+            "docker-compose.yml has no service {name}"
+        );
+    }
+    for (i, name) in ["node1", "node2", "node3"].iter().enumerate() {
+        let env = environment_of(&services[*name]);
+        let get = |k: &str| {
+            env.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("{name} lacks {k}"))
+        };
+        assert_eq!(get("MESSENGER_STORE_BACKEND"), "postgres", "{name}");
+        assert!(
+            get("MESSENGER_POSTGRES_URL").contains("@postgres:5432/"),
+            "{name} uses the compose postgres"
+        );
+        assert!(
+            get("MESSENGER_REDIS_URL").starts_with("redis://redis:"),
+            "{name} uses the compose redis"
+        );
+        assert_eq!(get("MESSENGER_PROXY_PROTOCOL"), "true", "{name}");
+        assert_eq!(get("MESSENGER_NODE_ID"), *name);
+        let haproxy_env = environment_of(&services["haproxy"]);
+        let addr_key = format!("NODE{}_ADDR", i + 1);
+        assert_eq!(
+            haproxy_env.get(addr_key.as_str()).and_then(Value::as_str),
+            Some(format!("{name}:7443").as_str()),
+            "haproxy reaches {name} by its service name"
+        );
+    }
+    let volumes = services["haproxy"]
+        .get("volumes")
+        .and_then(Value::as_sequence)
+        .expect("haproxy volumes");
+    assert!(
+        volumes
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|v| v.starts_with("./haproxy.cfg:")),
+        "compose mounts the one deploy/haproxy.cfg"
+    );
+}
+
+#[test]
+fn the_deployment_manager_config_imports_the_template() {
+    let config = yaml("gcp/messenger-deployment.yaml");
+    let imports = config
+        .get("imports")
+        .and_then(Value::as_sequence)
+        .expect("imports");
+    let paths: Vec<&str> = imports
+        .iter()
+        .filter_map(|i| i.get("path").and_then(Value::as_str))
+        .collect();
+    assert!(paths.contains(&"messenger.jinja"), "imports: {paths:?}");
+    for p in &paths {
+        assert!(
+            deploy_dir().join("gcp").join(p).is_file(),
+            "imported file {p} exists"
+        );
+    }
+    let resources = config
+        .get("resources")
+        .and_then(Value::as_sequence)
+        .expect("resources");
+    assert!(
+        resources
+            .iter()
+            .any(|r| r.get("type").and_then(Value::as_str) == Some("messenger.jinja")),
+        "a resource uses the template"
+    );
+    let schema = yaml("gcp/messenger.jinja.schema");
+    assert!(schema.get("properties").is_some(), "schema has properties");
+
+    let template = read("gcp/messenger.jinja");
+    for needle in [
+        "ipv4Enabled: false",
+        "connectMode: PRIVATE_SERVICE_ACCESS",
+        "servicenetworking",
+        "autoHealingPolicies",
+        "/readyz",
+        "portRange: \"7443\"",
+    ] {
+        assert!(
+            template.contains(needle),
+            "messenger.jinja lacks {needle:?}"
+        );
+    }
+}
+
+const UNIT_KEYS: &[&str] = &[
+    "User=messenger",
+    "NoNewPrivileges=yes",
+    "ProtectSystem=strict",
+    "ReadWritePaths=/var/lib/messenger",
+    "LimitNOFILE=1048576",
+    "EnvironmentFile=-/etc/messenger/env",
+    "KillSignal=SIGTERM",
+    "TimeoutStopSec=",
+    "ExecStart=/usr/local/bin/messengerd",
+];
+
+#[test]
+fn the_systemd_unit_is_valid_and_hardened() {
+    let unit = read("messengerd.service");
+    let lines: Vec<&str> = unit.lines().map(str::trim).collect();
+    for key in UNIT_KEYS {
+        assert!(
+            lines.iter().any(|l| l.starts_with(key)),
+            "messengerd.service lacks {key}"
+        );
+    }
+    for section in ["[Unit]", "[Service]", "[Install]"] {
+        assert!(
+            lines.contains(&section),
+            "messengerd.service lacks {section}"
+        );
+    }
+    if !tool_exists("systemd-analyze") {
+        return;
+    }
+    // verify insists that ExecStart exists: point it at the binary this test run built.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("messengerd.service");
+    std::fs::write(
+        &copy,
+        unit.replace(
+            "/usr/local/bin/messengerd",
+            env!("CARGO_BIN_EXE_messengerd"),
+        ),
+    )
+    .expect("write unit copy");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze verify");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // verify exits 0 on unknown keys but names the file in a warning: treat those as failures.
+    let about_our_unit: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("messengerd.service"))
+        .collect();
+    assert!(
+        out.status.success() && about_our_unit.is_empty(),
+        "systemd-analyze verify:\n{text}"
+    );
+}
