@@ -32,6 +32,9 @@ pub struct FleetOptions {
     pub ramp_gap: Duration,
     pub token_cache: Option<PathBuf>,
     pub ping_interval: Duration,
+    /// How long a request (and a ping) waits for its answer before the connection counts as
+    /// dead; connecting waits as long, at most 30 s.
+    pub request_timeout: Duration,
     pub event_buffer: usize,
 }
 
@@ -114,8 +117,8 @@ impl FleetOptions {
         o.client_name = "messenger-loadtest".into();
         o.ping_interval = self.ping_interval;
         o.event_buffer = self.event_buffer;
-        o.request_timeout = Duration::from_secs(60);
-        o.connect_timeout = Duration::from_secs(30);
+        o.request_timeout = self.request_timeout;
+        o.connect_timeout = self.request_timeout.min(Duration::from_secs(30));
         if !self.source_ips.is_empty() {
             o.local_addr = Some(self.source_ips[index % self.source_ips.len()]);
         }

@@ -64,6 +64,10 @@ struct Cli {
     /// Seconds between keep-alive pings per connection.
     #[arg(long, default_value_t = 30.0, global = true)]
     ping_interval: f64,
+    /// Seconds a request or ping waits for its answer before the connection counts as dead
+    /// (and the longest a connect may take, up to 30).
+    #[arg(long, default_value_t = 60.0, global = true)]
+    request_timeout: f64,
     /// The daemon's admin address; its counters are reported as deltas over the run.
     #[arg(long, default_value = "127.0.0.1:7480", global = true)]
     admin: String,
@@ -204,6 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             ramp_gap: secs(cli.ramp_up) / planned_connections.max(1),
             token_cache,
             ping_interval: secs(cli.ping_interval),
+            request_timeout: secs(cli.request_timeout),
             event_buffer: 1024,
         },
         rate: cli.rate,

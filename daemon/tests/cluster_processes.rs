@@ -1,0 +1,441 @@
+//! The cluster as it runs in production: three `messengerd` processes on a real PostgreSQL
+//! (a fresh database per test) and a real Redis, behind a real HAProxy started from
+//! `deploy/haproxy.cfg` with PROXY protocol v2. Traffic comes from the load-test harness
+//! (`messenger_loadtest`) through the balancer, and its checker decides: every accepted
+//! message reached its recipient exactly once, in order, while a node is killed, frozen or
+//! restarted. Clients behave as real ones do: ping to notice a dead connection, reconnect
+//! through the balancer, resume, retry unanswered sends with the same `client_msg_id`.
+//!
+//! The tests run one at a time (they share two cores with three daemons each).
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use messenger_loadtest::fleet::FleetOptions;
+use messenger_loadtest::scenarios::{self, Outcome, Params};
+use messenger_protocol::client::Trust;
+use redis_support::TestRedis;
+
+const WAIT: Duration = Duration::from_secs(30);
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+/// A database of its own on the test PostgreSQL server, dropped at the end.
+struct Database {
+    admin_url: String,
+    name: String,
+}
+
+impl Database {
+    async fn create() -> Self {
+        let admin_url = std::env::var("MESSENGER_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("msgcluster_{:016x}", rand::random::<u64>());
+        let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is needed at {admin_url} (set MESSENGER_TEST_POSTGRES_URL, or \
+                     start it: pg_ctlcluster --skip-systemctl-redirect 15 main start): {e}"
+                )
+            });
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        Self { admin_url, name }
+    }
+
+    fn url(&self) -> String {
+        match self.admin_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{}", self.name),
+            None => panic!("MESSENGER_TEST_POSTGRES_URL must name a database"),
+        }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside any runtime guarantee: a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// One `messengerd` process.
+struct Node {
+    index: usize,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join(format!("node{}.log", self.index)))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_messengerd"))
+            .args(&self.args)
+            .env("RUST_LOG", "warn,messenger_daemon::cluster=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("messengerd starts");
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the drain and exit.
+    async fn terminate(&mut self) {
+        self.signal("TERM");
+        let mut child = self.child.take().expect("running");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(status.success(), "node {} exited with {status}", self.index);
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} did not stop",
+                self.index
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if http_get(self.admin, "/readyz")
+                .await
+                .starts_with("HTTP/1.1 200")
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} not ready; see {}",
+                self.index,
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        http_get(self.admin, "/metrics")
+            .await
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A frozen process cannot die until it is resumed.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    balancer: Child,
+    pub address: SocketAddr,
+    ca: PathBuf,
+    _redis: TestRedis,
+    _database: Database,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let database = Database::create().await;
+        let redis = TestRedis::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes: Vec<Node> = Vec::new();
+        for index in 1..=3 {
+            let node_dir = dir.path().join(format!("node{index}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let listen = free_addr();
+            let admin = free_addr();
+            let mut args: Vec<String> = [
+                "--listen",
+                &listen.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+                "--data-dir",
+                &node_dir.display().to_string(),
+                "--store-backend",
+                "postgres",
+                "--postgres-url",
+                &database.url(),
+                "--redis-url",
+                &redis.url(),
+                "--node-id",
+                &format!("node{index}"),
+                "--proxy-protocol",
+                "true",
+                "--argon2-memory-kib",
+                "1024",
+                "--argon2-iterations",
+                "1",
+                "--messages-per-second",
+                "100000",
+                "--message-burst",
+                "100000",
+                "--auth-attempts-per-ip",
+                "1000000",
+                "--max-connections-per-ip",
+                "100000",
+                "--shutdown-drain",
+                "3",
+            ]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+            // One certificate for every node, as behind a balancer: the first node's.
+            if let Some(first) = nodes.first() {
+                let tls = first.dir.join("tls");
+                args.extend([
+                    "--tls-cert".into(),
+                    tls.join("cert.pem").display().to_string(),
+                    "--tls-key".into(),
+                    tls.join("key.pem").display().to_string(),
+                ]);
+            }
+            let mut node = Node {
+                index,
+                listen,
+                admin,
+                dir: node_dir,
+                args,
+                child: None,
+            };
+            node.spawn();
+            node.ready().await;
+            nodes.push(node);
+        }
+        let ca = nodes[0].dir.join("tls").join("dev-ca.pem");
+        let address = free_addr();
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/haproxy.cfg");
+        let mut haproxy = Command::new("haproxy");
+        haproxy
+            .args(["-db", "-f"])
+            .arg(&config)
+            .env("HAPROXY_BIND", address.to_string())
+            .env("HAPROXY_STATS_BIND", free_addr().to_string())
+            .env("CHECK_INTER", "300ms")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for node in &nodes {
+            haproxy
+                .env(format!("NODE{}_ADDR", node.index), node.listen.to_string())
+                .env(
+                    format!("NODE{}_CHECK_PORT", node.index),
+                    node.admin.port().to_string(),
+                );
+        }
+        let balancer = haproxy
+            .spawn()
+            .expect("haproxy runs (apt-get install -y haproxy)");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(address).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "haproxy did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Two passed checks (rise 2) per node before traffic.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        Self {
+            nodes,
+            balancer,
+            address,
+            ca,
+            _redis: redis,
+            _database: database,
+            _dir: dir,
+        }
+    }
+
+    fn params(&self, prefix: &str, seconds: u64) -> Params {
+        Params {
+            fleet: FleetOptions {
+                targets: vec![self.address.to_string()],
+                trust: Trust::CaFile(self.ca.clone()),
+                prefix: prefix.into(),
+                source_ips: Vec::new(),
+                connect_concurrency: 32,
+                ramp_gap: Duration::ZERO,
+                token_cache: None,
+                // Real clients notice a dead peer by its missing Pong.
+                ping_interval: Duration::from_millis(500),
+                request_timeout: Duration::from_secs(2),
+                event_buffer: 1024,
+            },
+            rate: Some(1500.0),
+            duration: Duration::from_secs(seconds),
+            warmup: Duration::from_secs(1),
+            drain: Duration::from_secs(30),
+            body_size: 100,
+            daemon_pid: None,
+            progress: false,
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.balancer.kill();
+        let _ = self.balancer.wait();
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await
+    else {
+        return String::new();
+    };
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out)).await;
+    out
+}
+
+/// The checker's verdict, with everything needed to understand a failure.
+fn assert_clean(outcome: &Outcome, at_least: u64) {
+    let c = &outcome.check;
+    assert!(
+        c.clean(),
+        "delivery check failed: {c:?}; errors: {:?}",
+        outcome.errors
+    );
+    // Direct messages: one delivery owed per accepted message, and all of them arrived.
+    assert_eq!(c.expected_deliveries, c.accepted_messages, "{c:?}");
+    assert_eq!(c.delivered, c.expected_deliveries, "{c:?}");
+    assert!(
+        c.accepted_messages >= at_least,
+        "only {} messages accepted; errors: {:?}",
+        c.accepted_messages,
+        outcome.errors
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_traffic_loses_and_duplicates_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start().await;
+    let params = cluster.params("kill", 12);
+    let traffic = tokio::spawn(async move { scenarios::direct::run(&params, 60).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.nodes[1].kill();
+    let outcome = traffic.await.expect("traffic task").expect("traffic runs");
+    assert_clean(&outcome, 5_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_is_routed_around_and_rejoins_without_delivering_anything_stale() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start().await;
+    let params = cluster.params("freeze", 16);
+    let traffic = tokio::spawn(async move { scenarios::direct::run(&params, 60).await });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cluster.nodes[1].signal("STOP");
+    // Longer than the node TTL (5 s): the others drop it, its clients move.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    cluster.nodes[1].signal("CONT");
+    let outcome = traffic.await.expect("traffic task").expect("traffic runs");
+    assert_clean(&outcome, 5_000);
+    // On waking it noticed it had been cut off and closed what it still held.
+    assert!(
+        cluster.nodes[1]
+            .metric("messenger_cluster_cut_off_total")
+            .await
+            >= 1.0
+    );
+    cluster.nodes[1].ready().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_traffic_loses_and_duplicates_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start().await;
+    let params = cluster.params("rolling", 25);
+    let traffic = tokio::spawn(async move { scenarios::direct::run(&params, 60).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..cluster.nodes.len() {
+        cluster.nodes[i].terminate().await;
+        cluster.nodes[i].spawn();
+        cluster.nodes[i].ready().await;
+        // Let the balancer see it up again before the next one goes.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let outcome = traffic.await.expect("traffic task").expect("traffic runs");
+    assert_clean(&outcome, 10_000);
+}
