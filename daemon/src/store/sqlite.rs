@@ -1788,6 +1788,14 @@ impl Store for SqliteStore {
         self.read(move |c| groups_of(c, user)).await
     }
 
+    async fn health(&self) -> StoreResult<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(closed())
+        } else {
+            Ok(())
+        }
+    }
+
     async fn close(&self) -> StoreResult<()> {
         // Readers first: new reads fail fast instead of racing the shutdown.
         self.closed.store(true, Ordering::Release);
