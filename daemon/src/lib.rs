@@ -10,6 +10,7 @@ pub mod limits;
 pub mod metrics;
 pub mod model;
 mod requests;
+pub mod seed;
 pub mod server;
 mod session;
 pub mod state;
