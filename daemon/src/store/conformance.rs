@@ -1599,6 +1599,30 @@ pub(crate) mod postgres_backend {
         second.close().await.expect("close");
     }
 
+    /// Nodes starting together all migrate at once; the advisory lock makes them take turns,
+    /// so exactly one applies the schema and none fails on a half-created one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_migrations_apply_each_version_once() {
+        let db = TestDb::create().await;
+        let runs: Vec<_> = (0..6)
+            .map(|_| {
+                let config = db.config.clone();
+                tokio::spawn(async move {
+                    super::super::postgres::migrate(&config, Duration::from_secs(10)).await
+                })
+            })
+            .collect();
+        let mut applied = Vec::new();
+        for run in runs {
+            applied.push(run.await.expect("task").expect("migrate"));
+        }
+        applied.sort_unstable();
+        assert_eq!(applied, [0, 0, 0, 0, 0, 1]);
+        let store = db.open(options()).await;
+        super::create(store.as_ref(), "alice").await;
+        store.close().await.expect("close");
+    }
+
     #[tokio::test]
     async fn unreachable_database_is_unavailable_not_a_panic() {
         // Port 1 never runs PostgreSQL; without migration the pool opens lazily.

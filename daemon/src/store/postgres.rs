@@ -37,6 +37,9 @@ mod embedded {
 /// apply each migration once instead of racing on `CREATE TABLE` (ASCII "msgrmigr").
 const MIGRATION_LOCK: i64 = 0x6d73_6772_6d69_6772;
 
+/// How long unacknowledged data may sit on a connection before the kernel declares it dead.
+const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct PostgresOptions {
     /// Most connections in the pool.
@@ -124,10 +127,21 @@ impl PostgresStore {
         config: tokio_postgres::Config,
         options: PostgresOptions,
     ) -> StoreResult<PostgresStore> {
-        // bb8 refuses a zero timeout (it asserts); a second is the shortest that makes sense.
+        // bb8 refuses a zero timeout (it asserts).
         let timeout = options.timeout.max(Duration::from_millis(100));
         let mut config = config;
         config.connect_timeout(timeout);
+        // A server that vanished without closing the socket (power loss, partition) would
+        // otherwise hold a request until the default two-hour keepalive gives up; unless the URL
+        // chose its own settings, notice it within about half a minute.
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(DEAD_PEER_TIMEOUT);
+        }
+        if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+            config.keepalives_idle(Duration::from_secs(15));
+            config.keepalives_interval(Duration::from_secs(5));
+            config.keepalives_retries(3);
+        }
         if options.migrate {
             let applied = migrate(&config, timeout).await?;
             if applied > 0 {
