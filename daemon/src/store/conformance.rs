@@ -1449,6 +1449,19 @@ pub(crate) mod postgres_backend {
             }
         }
 
+        /// Sessions connected to this test's database, as the server counts them.
+        async fn connections(&self) -> i64 {
+            let client = admin_client(&self.admin, &admin_url()).await;
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                    &[&self.name],
+                )
+                .await
+                .expect("count connections")
+                .get(0)
+        }
+
         pub(crate) async fn open(&self, options: PostgresOptions) -> Arc<dyn Store> {
             Arc::new(
                 PostgresStore::open(self.config.clone(), options)
@@ -1587,8 +1600,19 @@ pub(crate) mod postgres_backend {
         let first = db.open(options()).await;
         first.health().await.expect("healthy");
         let alice = super::create(first.as_ref(), "alice").await;
+        assert!(db.connections().await > 0);
         first.close().await.expect("close");
         assert!(first.health().await.is_err(), "a closed store is not ready");
+        // Closing lets go of the server's connections (a stopping node frees its slots).
+        let mut left = db.connections().await;
+        for _ in 0..50 {
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            left = db.connections().await;
+        }
+        assert_eq!(left, 0, "connections stayed open after close");
         let again = super::super::postgres::migrate(&db.config, Duration::from_secs(5))
             .await
             .expect("migrate again");

@@ -62,7 +62,9 @@ impl Default for PostgresOptions {
 }
 
 pub struct PostgresStore {
-    pool: Pool<Manager>,
+    /// `None` once closed: dropping the last handle closes the idle connections, while
+    /// requests still running keep theirs (each checked-out connection holds a handle).
+    pool: std::sync::RwLock<Option<Pool<Manager>>>,
     timeout: Duration,
     closed: AtomicBool,
 }
@@ -71,7 +73,6 @@ impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore")
             .field("closed", &self.closed.load(Ordering::Relaxed))
-            .field("pool", &self.pool.state())
             .finish_non_exhaustive()
     }
 }
@@ -161,7 +162,7 @@ impl PostgresStore {
             .error_sink(Box::new(LogErrors))
             .build_unchecked(manager);
         Ok(PostgresStore {
-            pool,
+            pool: std::sync::RwLock::new(Some(pool)),
             timeout,
             closed: AtomicBool::new(false),
         })
@@ -172,11 +173,17 @@ impl PostgresStore {
         Self::open(parse_url(url)?, options).await
     }
 
-    async fn conn(&self) -> StoreResult<PooledConnection<'_, Manager>> {
+    async fn conn(&self) -> StoreResult<PooledConnection<'static, Manager>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(closed());
         }
-        self.pool.get().await.map_err(|e| match e {
+        let pool = self
+            .pool
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(closed)?;
+        pool.get_owned().await.map_err(|e| match e {
             bb8::RunError::TimedOut => StoreError::Unavailable(format!(
                 "no PostgreSQL connection within {:?}",
                 self.timeout
@@ -1390,8 +1397,13 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) -> StoreResult<()> {
-        // Connections close when the pool is dropped; from here on nothing new starts.
         self.closed.store(true, Ordering::Release);
+        let pool = self
+            .pool
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(pool);
         Ok(())
     }
 }
