@@ -325,7 +325,6 @@ macro_rules! begin {
     ($conn:expr, $tx:ident, $db:ident) => {
         let PgConn { client, statements } = &mut *$conn;
         let $tx = client.transaction().await.map_err(pg_error)?;
-        #[allow(unused_mut)]
         let mut $db = Db {
             client: &$tx,
             statements,
