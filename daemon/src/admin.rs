@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::metrics;
-use crate::model::UserId;
 use crate::state::Shared;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
@@ -80,7 +79,7 @@ async fn respond(
 /// Redis is down for every node, every node reports it: the balancer config (deploy/) keeps
 /// routing to them then rather than refusing everyone.
 async fn readiness(shared: &Shared) -> (StatusCode, &'static str, String) {
-    let store = shared.store.inbox_head(UserId(0)).await;
+    let store = shared.store.health().await;
     let redis = shared.cluster.as_ref().map(|c| c.is_healthy());
     let mut body = match &store {
         Ok(_) => "store: ok\n".to_string(),

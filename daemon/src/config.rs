@@ -353,6 +353,29 @@ pub enum Command {
     Run,
     /// Apply pending store migrations and exit.
     Migrate,
+    /// Create demo users, contacts and groups (idempotent), then exit.
+    Seed(SeedArgs),
+}
+
+/// `messengerd seed`: users `<prefix>1..N`, a first direct message between neighbours (so
+/// they list each other as conversations), and groups `<prefix>-group-1..M`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SeedArgs {
+    /// Users to create
+    #[arg(long, default_value_t = 20)]
+    pub users: usize,
+    /// Groups to create
+    #[arg(long, default_value_t = 3)]
+    pub groups: usize,
+    /// Members per group, the creator included
+    #[arg(long, default_value_t = 5)]
+    pub group_size: usize,
+    /// Password of every seeded user
+    #[arg(long, env = "MESSENGER_SEED_PASSWORD", default_value = "demo-password")]
+    pub password: String,
+    /// Username prefix
+    #[arg(long, default_value = "demo")]
+    pub prefix: String,
 }
 
 #[derive(Debug, Default, clap::Args)]

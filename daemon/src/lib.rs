@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod proxy_protocol;
 mod requests;
+pub mod seed;
 pub mod server;
 mod session;
 pub mod state;

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use messenger_daemon::config::{Cli, Command, LogFormat};
+use messenger_daemon::config::{Cli, Command, LogFormat, SeedArgs, StoreBackend};
 use messenger_daemon::{RunningServer, store};
 use tracing_subscriber::EnvFilter;
 
@@ -23,14 +23,71 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Run) {
             Command::Migrate => {
-                let store = store::open(&config).await.context("migrating the store")?;
+                let store = store::open_with(&config, true)
+                    .await
+                    .context("migrating the store")?;
                 store.close().await?;
-                println!("store at {} is up to date", config.sqlite_path().display());
+                println!("store {} is up to date", store_location(&config));
                 Ok(())
             }
+            Command::Seed(args) => seed(&config, args).await,
             Command::Run => run(config).await,
         }
     })
+}
+
+/// Where the store is, for humans: the SQLite file, or the PostgreSQL server and database
+/// (never the password).
+fn store_location(config: &messenger_daemon::Config) -> String {
+    match config.store.backend {
+        StoreBackend::Sqlite => format!("at {}", config.sqlite_path().display()),
+        StoreBackend::Postgres => {
+            let url = store::postgres_url(&config.store, |name| std::env::var(name).ok());
+            match url.parse::<tokio_postgres::Config>() {
+                Ok(pg) => {
+                    let hosts: Vec<String> = pg
+                        .get_hosts()
+                        .iter()
+                        .map(|h| match h {
+                            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                        })
+                        .collect();
+                    format!(
+                        "PostgreSQL {} database {}",
+                        hosts.join(","),
+                        pg.get_dbname().unwrap_or("(default)")
+                    )
+                }
+                Err(_) => "PostgreSQL (unparsable URL)".to_owned(),
+            }
+        }
+    }
+}
+
+async fn seed(config: &messenger_daemon::Config, args: SeedArgs) -> anyhow::Result<()> {
+    let store = store::open(config).await.context("opening the store")?;
+    let hasher = messenger_daemon::auth::PasswordHasher::new(&config.passwords)
+        .map_err(anyhow::Error::msg)?;
+    let options = messenger_daemon::seed::SeedOptions {
+        users: args.users,
+        groups: args.groups,
+        group_size: args.group_size,
+        password: args.password,
+        prefix: args.prefix,
+        max_group_members: config.limits.max_group_members,
+    };
+    let outcome = messenger_daemon::seed::seed(
+        store.as_ref(),
+        &hasher,
+        &options,
+        config.passwords.min_length,
+    )
+    .await;
+    store.close().await?;
+    let summary = outcome.context("seeding")?;
+    println!("seeded store {}: {summary}", store_location(config));
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {
@@ -47,14 +104,14 @@ fn init_logging(format: LogFormat) {
 
 async fn run(config: messenger_daemon::Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let db = config.sqlite_path();
+    let db = store_location(&config);
     let server = RunningServer::start(config).await?;
     println!(
         "messengerd listening on {} (TLS, ALPN messenger/1)",
         server.addr
     );
     println!("  admin:       http://{}/metrics", server.admin_addr);
-    println!("  store:       {}", db.display());
+    println!("  store:       {db}");
     println!("  certificate: {}", server.cert_path.display());
     println!("  fingerprint: SHA256 {}", server.fingerprint);
     if let Some(ca) = &server.dev_ca {

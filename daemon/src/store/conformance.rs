@@ -1392,3 +1392,412 @@ mod sqlite_backend {
         store.close().await.expect("close");
     }
 }
+
+// ----- the PostgreSQL backend -----
+
+/// The same suite on PostgreSQL. Each test gets a database of its own on the server named by
+/// `MESSENGER_TEST_POSTGRES_URL` (created, migrated, dropped afterwards), so they run in
+/// parallel. No server is a failure, never a skip: the suite is part of the contract.
+pub(crate) mod postgres_backend {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio_postgres::NoTls;
+
+    use super::super::Store;
+    use super::super::postgres::{PostgresOptions, PostgresStore, parse_url};
+    use crate::model::{MessageId, Recipient, Seq, UserId};
+
+    const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+    fn admin_url() -> String {
+        std::env::var("MESSENGER_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+    }
+
+    fn options() -> PostgresOptions {
+        PostgresOptions {
+            pool_size: 8,
+            timeout: Duration::from_secs(10),
+            migrate: true,
+        }
+    }
+
+    /// A database that exists for one test; dropped (forcibly, connections and all) when
+    /// this goes away, even when the test panicked.
+    pub(crate) struct TestDb {
+        admin: tokio_postgres::Config,
+        pub(crate) config: tokio_postgres::Config,
+        name: String,
+    }
+
+    impl TestDb {
+        pub(crate) async fn create() -> TestDb {
+            let url = admin_url();
+            let admin = parse_url(&url).expect("MESSENGER_TEST_POSTGRES_URL is not a valid URL");
+            let name = format!("msgtest_{}", hex::encode(crate::auth::random_bytes::<8>()));
+            let client = admin_client(&admin, &url).await;
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("CREATE DATABASE for the test");
+            let mut config = admin.clone();
+            config.dbname(&name);
+            TestDb {
+                admin,
+                config,
+                name,
+            }
+        }
+
+        /// Sessions connected to this test's database, as the server counts them.
+        async fn connections(&self) -> i64 {
+            let client = admin_client(&self.admin, &admin_url()).await;
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                    &[&self.name],
+                )
+                .await
+                .expect("count connections")
+                .get(0)
+        }
+
+        pub(crate) async fn open(&self, options: PostgresOptions) -> Arc<dyn Store> {
+            Arc::new(
+                PostgresStore::open(self.config.clone(), options)
+                    .await
+                    .expect("open the PostgreSQL store"),
+            )
+        }
+    }
+
+    async fn admin_client(admin: &tokio_postgres::Config, url: &str) -> tokio_postgres::Client {
+        let mut admin = admin.clone();
+        admin.connect_timeout(Duration::from_secs(5));
+        let (client, connection) = match admin.connect(NoTls).await {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "PostgreSQL is needed for these tests and is not reachable at {url}: {e}\n\
+                 Start one (as root): pg_ctlcluster --skip-systemctl-redirect \
+                 $(ls /etc/postgresql) main start\n\
+                 or install it: apt-get install -y postgresql, or point \
+                 MESSENGER_TEST_POSTGRES_URL at a server where the user may CREATE DATABASE \
+                 (.ci/services does all of this)."
+            ),
+        };
+        tokio::spawn(connection);
+        client
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            let admin = self.admin.clone();
+            let name = self.name.clone();
+            // Drop cannot await, and the test's runtime may be the one running this: use a
+            // runtime of its own on a thread of its own.
+            let dropped = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(async move {
+                    let (client, connection) =
+                        admin.connect(NoTls).await.map_err(|e| e.to_string())?;
+                    tokio::spawn(connection);
+                    client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .join();
+            if !matches!(dropped, Ok(Ok(()))) {
+                eprintln!("could not drop test database {}: {dropped:?}", self.name);
+            }
+        }
+    }
+
+    macro_rules! suite {
+        (borrowed: [$($name:ident),* $(,)?], shared: [$($shared:ident),* $(,)?] $(,)?) => {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = TestDb::create().await;
+                    let store = db.open(options()).await;
+                    super::$name(store.as_ref()).await;
+                    store.close().await.expect("close");
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $shared() {
+                    let db = TestDb::create().await;
+                    let store = db.open(options()).await;
+                    super::$shared(Arc::clone(&store)).await;
+                    store.close().await.expect("close");
+                }
+            )*
+        };
+    }
+
+    suite! {
+        borrowed: [
+            accounts_are_created_and_found,
+            usernames_are_unique_ignoring_case,
+            display_name_changes_do_not_rewrite_history,
+            change_password_ends_every_other_session,
+            deleted_account_frees_the_name_and_keeps_its_messages,
+            sessions_are_found_by_token_touched_and_deleted,
+            acks_only_move_forward_and_stop_at_the_head,
+            direct_message_lands_in_both_inboxes,
+            retried_append_returns_the_first_message,
+            append_to_a_missing_recipient_is_not_found,
+            group_message_fans_out_to_every_member,
+            non_member_cannot_send_to_a_group,
+            inbox_reads_in_order_and_pages,
+            direct_history_pages_newest_first_from_both_sides,
+            group_history_is_for_members_only,
+            conversations_list_each_chat_once_newest_first,
+            group_changes_follow_admin_rules,
+            create_group_checks_users_and_size,
+            leaving_hands_admin_to_the_longest_standing_member,
+            closed_store_is_unavailable,
+        ],
+        shared: [
+            concurrent_appends_keep_every_inbox_gapless,
+            concurrent_duplicate_usernames_have_one_winner,
+            concurrent_retries_store_each_message_once,
+        ],
+    }
+
+    /// The suite function assumes commands issued back to back run in that order. A pool of
+    /// one connection hands it out first come, first served, which gives that order; with more
+    /// connections (or nodes) concurrently issued commands have no defined order at all.
+    #[tokio::test]
+    async fn queued_renames_and_deletions_apply_to_the_next_append() {
+        let db = TestDb::create().await;
+        let store = db
+            .open(PostgresOptions {
+                pool_size: 1,
+                ..options()
+            })
+            .await;
+        super::queued_renames_and_deletions_apply_to_the_next_append(store.as_ref()).await;
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn everything_survives_a_restart() {
+        let db = TestDb::create().await;
+        super::everything_survives_a_restart(|| db.open(options())).await;
+    }
+
+    // Beyond the shared contract: PostgreSQL specifics.
+
+    #[tokio::test]
+    async fn reopening_does_not_remigrate_and_health_answers() {
+        let db = TestDb::create().await;
+        let first = db.open(options()).await;
+        first.health().await.expect("healthy");
+        let alice = super::create(first.as_ref(), "alice").await;
+        assert!(db.connections().await > 0);
+        first.close().await.expect("close");
+        assert!(first.health().await.is_err(), "a closed store is not ready");
+        // Closing lets go of the server's connections (a stopping node frees its slots).
+        let mut left = db.connections().await;
+        for _ in 0..50 {
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            left = db.connections().await;
+        }
+        assert_eq!(left, 0, "connections stayed open after close");
+        let again = super::super::postgres::migrate(&db.config, Duration::from_secs(5))
+            .await
+            .expect("migrate again");
+        assert_eq!(again, 0, "migrations were applied twice");
+        let second = db.open(options()).await;
+        let found = second.account_by_id(alice.id).await.expect("read");
+        assert_eq!(found.map(|a| a.user), Some(alice));
+        second.close().await.expect("close");
+    }
+
+    /// Nodes starting together all migrate at once; the advisory lock makes them take turns,
+    /// so exactly one applies the schema and none fails on a half-created one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_migrations_apply_each_version_once() {
+        let db = TestDb::create().await;
+        let runs: Vec<_> = (0..6)
+            .map(|_| {
+                let config = db.config.clone();
+                tokio::spawn(async move {
+                    super::super::postgres::migrate(&config, Duration::from_secs(10)).await
+                })
+            })
+            .collect();
+        let mut applied = Vec::new();
+        for run in runs {
+            applied.push(run.await.expect("task").expect("migrate"));
+        }
+        applied.sort_unstable();
+        assert_eq!(applied, [0, 0, 0, 0, 0, 1]);
+        let store = db.open(options()).await;
+        super::create(store.as_ref(), "alice").await;
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn unreachable_database_is_unavailable_not_a_panic() {
+        // Port 1 never runs PostgreSQL; without migration the pool opens lazily.
+        let store = PostgresStore::open_url(
+            "postgres://postgres@127.0.0.1:1/none",
+            PostgresOptions {
+                pool_size: 1,
+                timeout: Duration::from_millis(300),
+                migrate: false,
+            },
+        )
+        .await
+        .expect("a lazy pool opens");
+        let unavailable = super::super::StoreError::Unavailable(String::new());
+        super::assert_err(store.health().await, &unavailable);
+        super::assert_err(
+            store
+                .append_message(super::message(
+                    &crate::model::User {
+                        id: UserId(1),
+                        username: "a".into(),
+                        display_name: "a".into(),
+                    },
+                    Recipient::User(UserId(2)),
+                    "m1",
+                ))
+                .await,
+            &unavailable,
+        );
+        let migrating = PostgresStore::open_url(
+            "postgres://postgres@127.0.0.1:1/none",
+            PostgresOptions {
+                pool_size: 1,
+                timeout: Duration::from_millis(300),
+                migrate: true,
+            },
+        )
+        .await;
+        super::assert_err(migrating, &unavailable);
+    }
+
+    /// Two nodes (two stores, two pools) append concurrently to the same recipients while a
+    /// poller on each side follows every inbox: no seq may be skipped or handed out twice,
+    /// whichever node wrote it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_nodes_appending_to_the_same_users_keep_inboxes_gapless() {
+        const USERS: usize = 5;
+        const PER_TASK: usize = 40;
+        const TASKS_PER_NODE: usize = 6;
+
+        let db = TestDb::create().await;
+        let nodes = [db.open(options()).await, db.open(options()).await];
+        let mut users = Vec::new();
+        for i in 0..USERS {
+            users.push(super::create(nodes[0].as_ref(), &format!("u{i}")).await);
+        }
+        let ids: Vec<UserId> = users.iter().map(|u| u.id).collect();
+        let group = nodes[1]
+            .create_group(ids[0], "all", &ids, 100, 1)
+            .await
+            .expect("group")
+            .id;
+        let users = Arc::new(users);
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+        let mut pollers = Vec::new();
+        for (i, &user) in ids.iter().enumerate() {
+            // Each poller reads through the node the user is not written through most.
+            let store = Arc::clone(&nodes[i % 2]);
+            let finished = Arc::clone(&finished);
+            pollers.push(tokio::spawn(async move {
+                let mut seen: Vec<(u64, MessageId)> = Vec::new();
+                let mut cursor = Seq(0);
+                loop {
+                    let last_round = finished.load(std::sync::atomic::Ordering::Acquire);
+                    let page = store.read_inbox(user, cursor, 32).await.expect("poll");
+                    for entry in &page {
+                        assert_eq!(entry.seq.0, cursor.0 + 1, "poller of {user} skipped");
+                        cursor = entry.seq;
+                        seen.push((entry.seq.0, entry.message.id));
+                    }
+                    if page.is_empty() {
+                        if last_round {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                }
+                (user, seen)
+            }));
+        }
+
+        let mut senders = Vec::new();
+        for (n, node) in nodes.iter().enumerate() {
+            for task in 0..TASKS_PER_NODE {
+                let store = Arc::clone(node);
+                let users = Arc::clone(&users);
+                senders.push(tokio::spawn(async move {
+                    let mut appended = Vec::new();
+                    let from = &users[task % USERS];
+                    for i in 0..PER_TASK {
+                        let to = if i % 3 == 0 {
+                            Recipient::Group(group)
+                        } else {
+                            Recipient::User(users[(task + i) % USERS].id)
+                        };
+                        let cid = format!("n{n}-t{task}-m{i}");
+                        let a = store
+                            .append_message(super::message(from, to, &cid))
+                            .await
+                            .expect("append");
+                        assert!(!a.duplicate);
+                        appended.push(a);
+                    }
+                    appended
+                }));
+            }
+        }
+        let mut reported: std::collections::BTreeMap<UserId, Vec<(u64, MessageId)>> =
+            std::collections::BTreeMap::new();
+        for sender in senders {
+            for a in sender.await.expect("sender task") {
+                for &(user, seq) in &a.entries {
+                    reported
+                        .entry(user)
+                        .or_default()
+                        .push((seq.0, a.message.id));
+                }
+            }
+        }
+        finished.store(true, std::sync::atomic::Ordering::Release);
+
+        for poller in pollers {
+            let (user, seen) = poller.await.expect("poller task");
+            let n = seen.len() as u64;
+            assert!(n > 0);
+            assert_eq!(
+                seen.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+                (1..=n).collect::<Vec<_>>(),
+                "gap or duplicate in the inbox of {user}"
+            );
+            let mut expected = reported.remove(&user).unwrap_or_default();
+            expected.sort_unstable();
+            assert_eq!(
+                seen, expected,
+                "inbox of {user} differs from the append results"
+            );
+            assert_eq!(nodes[0].inbox_head(user).await.expect("head"), Seq(n));
+        }
+        for node in nodes {
+            node.close().await.expect("close");
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! Durable state behind one async trait. The daemon talks only to `dyn Store`; each backend
-//! (the embedded SQLite store here, PostgreSQL later) implements it with the same semantics,
+//! (the embedded SQLite store, PostgreSQL shared by several nodes) implements it with the same semantics,
 //! which the conformance tests in `store::conformance` pin down.
 //!
 //! Rules every backend keeps:
@@ -11,6 +11,7 @@
 //! - Authorization that depends on stored state (membership, admin rights) is checked inside
 //!   the same transaction as the change, so a concurrent removal cannot slip a message through.
 
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
@@ -199,6 +200,10 @@ pub trait Store: Send + Sync + 'static {
 
     // ----- lifecycle -----
 
+    /// Whether the store can serve requests now (for `/readyz`): `Unavailable` when it is
+    /// closed or its database cannot be reached within the configured timeout.
+    async fn health(&self) -> StoreResult<()>;
+
     /// Commits whatever is pending and stops background work; later calls get `Unavailable`.
     async fn close(&self) -> StoreResult<()>;
 }
@@ -225,15 +230,137 @@ impl From<StoreError> for messenger_protocol::WireError {
     }
 }
 
-/// Opens the store the configuration selects (the embedded SQLite store), migrating it.
+/// Opens the store the configuration selects, migrating it when `store.migrate_on_start`
+/// (SQLite always migrates: the file is private to this process).
 pub async fn open(config: &crate::config::Config) -> StoreResult<std::sync::Arc<dyn Store>> {
-    let path = config.sqlite_path();
-    let options = sqlite::SqliteOptions {
-        synchronous_full: config.store.sqlite_sync_full,
-        ..sqlite::SqliteOptions::default()
+    open_with(config, config.store.migrate_on_start).await
+}
+
+/// Opens the configured store; `migrate` applies pending migrations first (`messengerd migrate`
+/// passes true whatever the configuration says).
+pub async fn open_with(
+    config: &crate::config::Config,
+    migrate: bool,
+) -> StoreResult<std::sync::Arc<dyn Store>> {
+    match config.store.backend {
+        crate::config::StoreBackend::Sqlite => {
+            let path = config.sqlite_path();
+            let options = sqlite::SqliteOptions {
+                synchronous_full: config.store.sqlite_sync_full,
+                ..sqlite::SqliteOptions::default()
+            };
+            let store =
+                tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, options))
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("opening the store: {e}")))??;
+            Ok(std::sync::Arc::new(store))
+        }
+        crate::config::StoreBackend::Postgres => {
+            let url = postgres_url(&config.store, |name| std::env::var(name).ok());
+            let options = postgres::PostgresOptions {
+                pool_size: config.store.postgres_pool_size,
+                timeout: std::time::Duration::from_secs(config.store.postgres_timeout_secs),
+                migrate,
+            };
+            let store = postgres::PostgresStore::open_url(&url, options).await?;
+            Ok(std::sync::Arc::new(store))
+        }
+    }
+}
+
+/// Where the PostgreSQL store is: `store.postgres_url` when set, otherwise a URL built from
+/// `DB_HOST` (127.0.0.1), `DB_PORT` (5432), `DB_USER` (postgres), `DB_PASSWORD` (none) and
+/// `DB_NAME` (messenger), read through `env` so tests need not touch the process environment.
+pub fn postgres_url(
+    store: &crate::config::StoreConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> String {
+    if let Some(url) = &store.postgres_url {
+        return url.clone();
+    }
+    let var = |name: &str, default: &str| {
+        env(name)
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| default.to_owned())
     };
-    let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path, options))
-        .await
-        .map_err(|e| StoreError::Backend(format!("opening the store: {e}")))??;
-    Ok(std::sync::Arc::new(store))
+    let host = var("DB_HOST", "127.0.0.1");
+    let port = var("DB_PORT", "5432");
+    let user = var("DB_USER", "postgres");
+    let password = var("DB_PASSWORD", "");
+    let name = var("DB_NAME", "messenger");
+    // An IPv6 literal needs brackets inside a URL.
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let credentials = if password.is_empty() {
+        percent_encode(&user)
+    } else {
+        format!("{}:{}", percent_encode(&user), percent_encode(&password))
+    };
+    format!(
+        "postgres://{credentials}@{host}:{port}/{}",
+        percent_encode(&name)
+    )
+}
+
+/// Escapes everything but RFC 3986 unreserved characters, so a password with `@`, `/` or `:`
+/// cannot change where the URL points.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::postgres_url;
+    use crate::config::StoreConfig;
+
+    #[test]
+    fn postgres_url_prefers_the_configured_url_then_db_variables_then_defaults() {
+        let none = |_: &str| None;
+        assert_eq!(
+            postgres_url(&StoreConfig::default(), none),
+            "postgres://postgres@127.0.0.1:5432/messenger"
+        );
+
+        let env = |name: &str| {
+            Some(
+                match name {
+                    "DB_HOST" => "db.internal",
+                    "DB_PORT" => "6543",
+                    "DB_USER" => "chat",
+                    "DB_PASSWORD" => "p@ss/w:rd",
+                    "DB_NAME" => "prod",
+                    _ => return None,
+                }
+                .to_owned(),
+            )
+        };
+        let url = postgres_url(&StoreConfig::default(), env);
+        assert_eq!(url, "postgres://chat:p%40ss%2Fw%3Ard@db.internal:6543/prod");
+        let parsed: tokio_postgres::Config = url.parse().expect("parses");
+        assert_eq!(parsed.get_password(), Some(&b"p@ss/w:rd"[..]));
+        assert_eq!(parsed.get_dbname(), Some("prod"));
+
+        let ipv6 = |name: &str| (name == "DB_HOST").then(|| "::1".to_owned());
+        assert_eq!(
+            postgres_url(&StoreConfig::default(), ipv6),
+            "postgres://postgres@[::1]:5432/messenger"
+        );
+
+        let configured = StoreConfig {
+            postgres_url: Some("postgres://x@y/z".into()),
+            ..StoreConfig::default()
+        };
+        assert_eq!(postgres_url(&configured, env), "postgres://x@y/z");
+    }
 }

@@ -1788,6 +1788,16 @@ impl Store for SqliteStore {
         self.read(move |c| groups_of(c, user)).await
     }
 
+    async fn health(&self) -> StoreResult<()> {
+        // A real read: a database file that became unreadable must fail the check.
+        self.read(|conn| {
+            conn.query_row("SELECT 1 FROM users LIMIT 1", [], |_| Ok(()))
+                .optional()?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn close(&self) -> StoreResult<()> {
         // Readers first: new reads fail fast instead of racing the shutdown.
         self.closed.store(true, Ordering::Release);

@@ -155,3 +155,12 @@ pub async fn assert_quiet(c: &mut Client) {
 pub fn code(e: &messenger_protocol::client::ClientError) -> Option<messenger_protocol::ErrorCode> {
     e.wire_code()
 }
+
+/// Points a test configuration at PostgreSQL (`url` names a database the test owns). A short
+/// pool timeout, so a request during an outage fails `unavailable` well inside `WAIT`.
+pub fn use_postgres(c: &mut Config, url: &str) {
+    c.store.backend = messenger_daemon::config::StoreBackend::Postgres;
+    c.store.postgres_url = Some(url.to_owned());
+    c.store.postgres_pool_size = 4;
+    c.store.postgres_timeout_secs = 2;
+}

@@ -1,0 +1,301 @@
+//! The daemon on the PostgreSQL backend: end to end over the real protocol, and through a
+//! database outage (PostgreSQL stopped and started again under a running daemon).
+//!
+//! Needs PostgreSQL: the shared server at `MESSENGER_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), and Debian's server binaries for the
+//! throwaway instance. Missing either is a failure with instructions, never a skip.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{TestServer, assert_quiet, code, deliveries, text, use_postgres};
+use messenger_protocol::ErrorCode;
+use messenger_protocol::client::Recipient;
+use tokio_postgres::NoTls;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A fresh database on the shared server, dropped afterwards.
+struct SharedDb {
+    admin: tokio_postgres::Config,
+    name: String,
+    url: String,
+}
+
+impl SharedDb {
+    async fn create() -> SharedDb {
+        let admin_url =
+            std::env::var("MESSENGER_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.into());
+        let mut admin: tokio_postgres::Config = admin_url.parse().expect("test URL parses");
+        admin.connect_timeout(Duration::from_secs(5));
+        let (client, connection) = admin.connect(NoTls).await.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is not reachable at {admin_url}: {e}. Start it with \
+                 `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
+                 (or run .ci/services), or set MESSENGER_TEST_POSTGRES_URL"
+            )
+        });
+        tokio::spawn(connection);
+        let name = format!(
+            "msgtest_daemon_{}",
+            hex::encode(messenger_daemon::auth::random_bytes::<6>())
+        );
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("CREATE DATABASE");
+        let url = match admin_url.rfind('/') {
+            Some(i) if admin_url[..i].contains("://") && !admin_url[i..].contains('@') => {
+                format!("{}/{name}", &admin_url[..i])
+            }
+            _ => panic!("MESSENGER_TEST_POSTGRES_URL must end in /<database>"),
+        };
+        SharedDb { admin, name, url }
+    }
+}
+
+impl Drop for SharedDb {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                let (client, connection) = admin.connect(NoTls).await.ok()?;
+                tokio::spawn(connection);
+                client.batch_execute(&sql).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// A PostgreSQL server of the test's own in a temporary directory (trust auth, fsync off),
+/// so the test can stop and start it. Stopped on drop.
+struct PgInstance {
+    dir: tempfile::TempDir,
+    port: u16,
+    as_root: bool,
+}
+
+impl PgInstance {
+    fn start() -> PgInstance {
+        let initdb = Path::new(PG_BIN).join("initdb");
+        assert!(
+            initdb.exists(),
+            "{} is missing: install PostgreSQL (apt-get install -y postgresql) or run \
+             .ci/services",
+            initdb.display()
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        // initdb refuses to run as root: as root, the server runs as `postgres`, which must own
+        // the directory.
+        let as_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        if as_root {
+            run(Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path()));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let pg = PgInstance { dir, port, as_root };
+        run(pg.command("initdb").arg("-D").arg(pg.data()).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ]));
+        pg.pg_ctl_start();
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let tool = Path::new(PG_BIN).join(tool);
+        if self.as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(tool);
+            c
+        } else {
+            Command::new(tool)
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg_ctl_start(&self) {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        run(self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "-o", &options, "start"]));
+    }
+
+    /// Fast shutdown: open connections are cut, as in a crash or failover from the daemon's
+    /// point of view.
+    fn stop(&self) {
+        run(self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "fast", "stop"]));
+    }
+}
+
+impl Drop for PgInstance {
+    fn drop(&mut self) {
+        // Already stopped is fine; the directory goes with the TempDir.
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+fn run(command: &mut Command) {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_direct_message_goes_through_postgres() {
+    let db = SharedDb::create().await;
+    let ts = TestServer::start_with(|c| use_postgres(c, &db.url)).await;
+    let (alice, _) = ts.user("alice").await;
+    let (mut bob, bob_user) = ts.user("bob").await;
+    let sent = alice
+        .conn()
+        .send_text(Recipient::User(bob_user.user_id), "hello over postgres")
+        .await
+        .expect("send");
+    let got = deliveries(&mut bob, 1).await;
+    assert_eq!(text(&got[0]), "hello over postgres");
+    assert_eq!(
+        got[0].message.as_ref().map(|m| m.message_id),
+        Some(sent.message_id)
+    );
+    ts.stop().await;
+
+    // The daemon really wrote to PostgreSQL, not to a file in its data directory.
+    let (client, connection) = tokio_postgres::connect(&db.url, NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(connection);
+    let row = client
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await
+        .expect("count");
+    assert_eq!(row.try_get::<_, i64>(0).expect("count column"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_fails_sends_as_unavailable_and_the_daemon_recovers() {
+    let pg = tokio::task::spawn_blocking(PgInstance::start)
+        .await
+        .expect("start PostgreSQL");
+    let url = pg.url();
+    let ts = TestServer::start_with(|c| use_postgres(c, &url)).await;
+    let (alice, _) = ts.user("alice").await;
+    let (mut bob, bob_user) = ts.user("bob").await;
+    let to_bob = Recipient::User(bob_user.user_id);
+    let send = |id: &'static str| {
+        alice
+            .conn()
+            .send_message(to_bob, id, Bytes::from(id), "text/plain")
+    };
+
+    send("before").await.expect("send before the outage");
+    assert_eq!(text(&deliveries(&mut bob, 1).await[0]), "before");
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.stop();
+        pg
+    })
+    .await
+    .expect("stop PostgreSQL");
+    for id in ["during-1", "during-2"] {
+        match send(id).await {
+            Ok(sent) => panic!("{id} was answered Sent ({sent:?}) while PostgreSQL was down"),
+            Err(e) => assert_eq!(code(&e), Some(ErrorCode::Unavailable), "{id}: {e}"),
+        }
+    }
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.pg_ctl_start();
+        pg
+    })
+    .await
+    .expect("restart PostgreSQL");
+    // Same client connections, same daemon: the pool replaces its dead connections.
+    let mut accepted = Vec::new();
+    for id in ["after-1", "during-1", "after-2"] {
+        let sent = send(id).await.expect("send after PostgreSQL came back");
+        assert!(
+            !sent.duplicate,
+            "{id} was never stored, so it is no duplicate"
+        );
+        accepted.push(id);
+    }
+    assert!(!alice.conn().is_closed() && !bob.conn().is_closed());
+    let got: Vec<String> = deliveries(&mut bob, accepted.len())
+        .await
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(got, accepted);
+    assert_quiet(&mut bob).await;
+    // And the store agrees: the conversation holds exactly the accepted messages, in order.
+    let alice_id = alice.user().expect("logged in").user_id;
+    let page = bob
+        .conn()
+        .history(Recipient::User(alice_id), 0, 50)
+        .await
+        .expect("history");
+    let mut bodies: Vec<String> = page
+        .messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    bodies.reverse();
+    assert_eq!(bodies, ["before", "after-1", "during-1", "after-2"]);
+    ts.stop().await;
+    drop(pg);
+}
