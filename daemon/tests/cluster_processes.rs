@@ -157,10 +157,8 @@ impl Node {
     async fn ready(&self) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if http_get(self.admin, "/readyz")
-                .await
-                .starts_with("HTTP/1.1 200")
-            {
+            let response = http_get(self.admin, "/readyz").await;
+            if response.lines().next().is_some_and(|l| l.contains(" 200 ")) {
                 return;
             }
             assert!(
@@ -368,9 +366,18 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
     out
 }
 
-/// The checker's verdict, with everything needed to understand a failure.
+/// The checker's verdict, with everything needed to understand a failure; and proof that the
+/// fault really hit clients (some had to reconnect), so a clean check means something.
 fn assert_clean(outcome: &Outcome, at_least: u64) {
     let c = &outcome.check;
+    eprintln!("check: {c:?}\nerrors: {:?}", outcome.errors);
+    let reconnects: u64 = outcome
+        .errors
+        .iter()
+        .filter(|(k, _)| k.starts_with("receive: connection closed"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(reconnects > 0, "no client lost its connection: {:?}", outcome.errors);
     assert!(
         c.clean(),
         "delivery check failed: {c:?}; errors: {:?}",
