@@ -17,6 +17,8 @@ pub mod server;
 mod session;
 pub mod state;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 mod writer;
 

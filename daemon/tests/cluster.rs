@@ -1,4 +1,4 @@
-//! Several nodes in one process, sharing one store and a real Redis (a throwaway
+//! Several nodes in one process, sharing one PostgreSQL database and a real Redis (a throwaway
 //! `redis-server` per test, so a test can restart it): live delivery across nodes, device
 //! fencing, kicks across nodes, and a Redis restart that loses nothing. The multi-process
 //! failures (SIGKILL, SIGSTOP, PostgreSQL, rolling restarts) are in `cluster_processes.rs`.
@@ -7,51 +7,49 @@ mod common;
 #[path = "support/redis.rs"]
 mod redis_support;
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{PASSWORD, WAIT, deliveries, test_config, text};
 use messenger_daemon::RunningServer;
-use messenger_daemon::store::Store;
-use messenger_daemon::store::sqlite::{SqliteOptions, SqliteStore};
+use messenger_daemon::testing::TestDatabase;
 use messenger_protocol::client::{Client, ConnectOptions, Recipient, Trust};
 use messenger_protocol::pb;
 use redis_support::TestRedis;
 
-/// Nodes sharing one store (as they would share PostgreSQL) and one Redis.
+/// Nodes sharing one PostgreSQL database (a fresh one per test) and one Redis, each with its
+/// own store pool, hub and Redis connections, as separate processes would have.
 struct Nodes {
     nodes: Vec<RunningServer>,
+    _database: TestDatabase,
     _dir: tempfile::TempDir,
 }
 
 impl Nodes {
     async fn start(count: usize, redis: &TestRedis) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&dir.path().join("shared.db"), SqliteOptions::default())
-                .expect("store"),
-        );
-        let mut nodes = Vec::new();
+        let database = TestDatabase::create("msgnodes").await;
+        let mut nodes: Vec<RunningServer> = Vec::new();
         for i in 0..count {
             let node_dir = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).expect("node dir");
             let mut config = test_config(&node_dir);
+            common::use_postgres(&mut config, &database.url);
             config.cluster.redis_url = Some(redis.url());
             config.cluster.node_id = Some(format!("node{i}"));
             // The first node's development certificate serves every node, as behind a
             // balancer.
             if let Some(first) = nodes.first() {
-                let first: &RunningServer = first;
                 config.tls.cert = Some(first.cert_path.clone());
-                config.tls.key = Some(key_path(&first.cert_path));
+                config.tls.key = Some(first.cert_path.with_file_name("key.pem"));
             }
-            let server = RunningServer::start_with_store(config, Arc::clone(&store))
-                .await
-                .expect("node starts");
+            let server = RunningServer::start(config).await.expect("node starts");
             nodes.push(server);
         }
-        Self { nodes, _dir: dir }
+        Self {
+            nodes,
+            _database: database,
+            _dir: dir,
+        }
     }
 
     fn options(&self, node: usize) -> ConnectOptions {
@@ -94,21 +92,6 @@ impl Nodes {
             node.shutdown().await;
         }
     }
-}
-
-/// The development key sits beside the certificate (see `tls.rs`).
-fn key_path(cert: &Path) -> std::path::PathBuf {
-    let dir = cert.parent().expect("cert dir");
-    [
-        "dev-key.pem",
-        "dev-server-key.pem",
-        "key.pem",
-        "server-key.pem",
-    ]
-    .iter()
-    .map(|name| dir.join(name))
-    .find(|p| p.exists())
-    .unwrap_or_else(|| panic!("no key beside {}", cert.display()))
 }
 
 async fn send(c: &Client, to: Recipient, body: &str) {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use messenger_daemon::testing::TestDatabase;
 use messenger_loadtest::fleet::FleetOptions;
 use messenger_loadtest::scenarios::{self, Outcome, Params};
 use messenger_protocol::client::Trust;
@@ -28,68 +29,6 @@ fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
-}
-
-/// A database of its own on the test PostgreSQL server, dropped at the end.
-struct Database {
-    admin_url: String,
-    name: String,
-}
-
-impl Database {
-    async fn create() -> Self {
-        let admin_url = std::env::var("MESSENGER_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let name = format!("msgcluster_{:016x}", rand::random::<u64>());
-        let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "PostgreSQL is needed at {admin_url} (set MESSENGER_TEST_POSTGRES_URL, or \
-                     start it: pg_ctlcluster --skip-systemctl-redirect 15 main start): {e}"
-                )
-            });
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        Self { admin_url, name }
-    }
-
-    fn url(&self) -> String {
-        match self.admin_url.rsplit_once('/') {
-            Some((server, _)) => format!("{server}/{}", self.name),
-            None => panic!("MESSENGER_TEST_POSTGRES_URL must name a database"),
-        }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        // Drop runs outside any runtime guarantee: a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
 }
 
 /// One `messengerd` process.
@@ -199,13 +138,13 @@ struct Cluster {
     pub address: SocketAddr,
     ca: PathBuf,
     _redis: TestRedis,
-    _database: Database,
+    _database: TestDatabase,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     async fn start() -> Self {
-        let database = Database::create().await;
+        let database = TestDatabase::create("msgcluster").await;
         let redis = TestRedis::start();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut nodes: Vec<Node> = Vec::new();
@@ -224,7 +163,7 @@ impl Cluster {
                 "--store-backend",
                 "postgres",
                 "--postgres-url",
-                &database.url(),
+                &database.url,
                 "--redis-url",
                 &redis.url(),
                 "--node-id",
@@ -377,7 +316,11 @@ fn assert_clean(outcome: &Outcome, at_least: u64) {
         .filter(|(k, _)| k.starts_with("receive: connection closed"))
         .map(|(_, n)| n)
         .sum();
-    assert!(reconnects > 0, "no client lost its connection: {:?}", outcome.errors);
+    assert!(
+        reconnects > 0,
+        "no client lost its connection: {:?}",
+        outcome.errors
+    );
     assert!(
         c.clean(),
         "delivery check failed: {c:?}; errors: {:?}",

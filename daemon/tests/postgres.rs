@@ -7,18 +7,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::{TestServer, assert_quiet, code, deliveries, text, use_postgres};
+use messenger_daemon::testing::ThrowawayPostgres;
 use messenger_protocol::ErrorCode;
 use messenger_protocol::client::Recipient;
 use tokio_postgres::NoTls;
-
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// A fresh database on the shared server, dropped afterwards.
 struct SharedDb {
@@ -29,8 +25,7 @@ struct SharedDb {
 
 impl SharedDb {
     async fn create() -> SharedDb {
-        let admin_url =
-            std::env::var("MESSENGER_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.into());
+        let admin_url = messenger_daemon::testing::postgres_admin_url();
         let mut admin: tokio_postgres::Config = admin_url.parse().expect("test URL parses");
         admin.connect_timeout(Duration::from_secs(5));
         let (client, connection) = admin.connect(NoTls).await.unwrap_or_else(|e| {
@@ -78,123 +73,6 @@ impl Drop for SharedDb {
     }
 }
 
-/// A PostgreSQL server of the test's own in a temporary directory (trust auth, fsync off),
-/// so the test can stop and start it. Stopped on drop.
-struct PgInstance {
-    dir: tempfile::TempDir,
-    port: u16,
-    as_root: bool,
-}
-
-impl PgInstance {
-    fn start() -> PgInstance {
-        let initdb = Path::new(PG_BIN).join("initdb");
-        assert!(
-            initdb.exists(),
-            "{} is missing: install PostgreSQL (apt-get install -y postgresql) or run \
-             .ci/services",
-            initdb.display()
-        );
-        let dir = tempfile::tempdir().expect("temp dir");
-        // initdb refuses to run as root: as root, the server runs as `postgres`, which must own
-        // the directory.
-        let as_root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        if as_root {
-            run(Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(dir.path()));
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let pg = PgInstance { dir, port, as_root };
-        run(pg.command("initdb").arg("-D").arg(pg.data()).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "--no-sync",
-            "-E",
-            "UTF8",
-        ]));
-        pg.pg_ctl_start();
-        pg
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn command(&self, tool: &str) -> Command {
-        let tool = Path::new(PG_BIN).join(tool);
-        if self.as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(tool);
-            c
-        } else {
-            Command::new(tool)
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn pg_ctl_start(&self) {
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
-            self.port,
-            self.dir.path().display()
-        );
-        run(self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.dir.path().join("log"))
-            .args(["-w", "-o", &options, "start"]));
-    }
-
-    /// Fast shutdown: open connections are cut, as in a crash or failover from the daemon's
-    /// point of view.
-    fn stop(&self) {
-        run(self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-w", "-m", "fast", "stop"]));
-    }
-}
-
-impl Drop for PgInstance {
-    fn drop(&mut self) {
-        // Already stopped is fine; the directory goes with the TempDir.
-        let _ = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-w", "-m", "immediate", "stop"])
-            .output();
-    }
-}
-
-fn run(command: &mut Command) {
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{command:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test]
 async fn a_direct_message_goes_through_postgres() {
     let db = SharedDb::create().await;
@@ -228,7 +106,7 @@ async fn a_direct_message_goes_through_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_fails_sends_as_unavailable_and_the_daemon_recovers() {
-    let pg = tokio::task::spawn_blocking(PgInstance::start)
+    let pg = tokio::task::spawn_blocking(ThrowawayPostgres::start)
         .await
         .expect("start PostgreSQL");
     let url = pg.url();
@@ -259,7 +137,7 @@ async fn a_postgres_outage_fails_sends_as_unavailable_and_the_daemon_recovers() 
     }
 
     let pg = tokio::task::spawn_blocking(move || {
-        pg.pg_ctl_start();
+        pg.start_again();
         pg
     })
     .await

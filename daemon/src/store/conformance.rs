@@ -1408,10 +1408,8 @@ pub(crate) mod postgres_backend {
     use super::super::postgres::{PostgresOptions, PostgresStore, parse_url};
     use crate::model::{MessageId, Recipient, Seq, UserId};
 
-    const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
     fn admin_url() -> String {
-        std::env::var("MESSENGER_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+        crate::testing::postgres_admin_url()
     }
 
     fn options() -> PostgresOptions {
