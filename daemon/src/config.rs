@@ -27,6 +27,7 @@ pub struct Config {
     pub passwords: Passwords,
     pub store: StoreConfig,
     pub cluster: ClusterConfig,
+    pub web: WebConfig,
     /// Expect a PROXY protocol v2 header on every client connection (behind HAProxy with
     /// `send-proxy-v2`), so limits and logs see the client's address, not the balancer's.
     pub proxy_protocol: bool,
@@ -46,6 +47,7 @@ impl Default for Config {
             passwords: Passwords::default(),
             store: StoreConfig::default(),
             cluster: ClusterConfig::default(),
+            web: WebConfig::default(),
             proxy_protocol: false,
         }
     }
@@ -244,6 +246,29 @@ pub enum StoreBackend {
     Postgres,
 }
 
+/// Browsers on the client port: TLS with ALPN `http/1.1` (or none) is HTTP, serving the web
+/// client and upgrading `GET /start` to a WebSocket that carries the same frames.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// Serve HTTP and the WebSocket bridge beside the native protocol.
+    pub enabled: bool,
+    /// Origins (`https://chat.example.com`) whose pages may open the WebSocket, besides the
+    /// daemon's own origin (the `Host` it was reached at). Requests without `Origin` (not a
+    /// browser) are allowed: the check only stops other sites' pages from using a visitor's
+    /// browser.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
 /// Running as one of several nodes: Redis carries presence and cross-node delivery.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -419,6 +444,17 @@ pub struct Overrides {
     /// This node's id [default: host-pid-random]
     #[arg(long, env = "MESSENGER_NODE_ID", global = true)]
     pub node_id: Option<String>,
+    /// Serve the web client and the WebSocket bridge on the client port [default: true]
+    #[arg(long, env = "MESSENGER_WEB_ENABLED", global = true)]
+    pub web_enabled: Option<bool>,
+    /// Extra origins allowed to open the WebSocket, comma-separated [default: none]
+    #[arg(
+        long,
+        env = "MESSENGER_WEB_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub web_allowed_origins: Option<Vec<String>>,
     /// Expect PROXY protocol v2 headers on client connections [default: false]
     #[arg(long, env = "MESSENGER_PROXY_PROTOCOL", global = true)]
     pub proxy_protocol: Option<bool>,
@@ -543,6 +579,8 @@ impl Overrides {
             c.cluster.node_id = self.node_id.clone();
         }
         set(&mut c.proxy_protocol, &self.proxy_protocol);
+        set(&mut c.web.enabled, &self.web_enabled);
+        set(&mut c.web.allowed_origins, &self.web_allowed_origins);
         let l = &mut c.limits;
         set(&mut l.max_frame_bytes, &self.max_frame_bytes);
         set(&mut l.max_body_bytes, &self.max_body_bytes);

@@ -20,6 +20,7 @@ pub mod store;
 #[doc(hidden)]
 pub mod testing;
 pub mod tls;
+pub mod web;
 mod writer;
 
 pub use config::Config;

@@ -271,10 +271,17 @@ async fn handle_connection(
             return;
         }
     };
-    if stream.get_ref().1.alpn_protocol() != Some(messenger_protocol::ALPN) {
-        debug!(%peer, "client did not negotiate ALPN messenger/1");
-        metrics::handshake_failed();
-        return;
+    match stream.get_ref().1.alpn_protocol() {
+        Some(messenger_protocol::ALPN) => {
+            session::run(shared, stream, peer, shutdown, deadline).await;
+        }
+        // No ALPN is what plain HTTP clients send; browsers ask for http/1.1.
+        Some(b"http/1.1") | None if shared.config.web.enabled => {
+            crate::web::serve(shared, stream, peer, shutdown).await;
+        }
+        _ => {
+            debug!(%peer, "client did not negotiate ALPN messenger/1");
+            metrics::handshake_failed();
+        }
     }
-    session::run(shared, stream, peer, shutdown, deadline).await;
 }

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use messenger_protocol::codec::ServerCodec;
 use messenger_protocol::pb::{self, client_frame::Kind as Req, server_frame::Kind as Resp};
 use messenger_protocol::{CodecError, ErrorCode, PROTOCOL_VERSION, WireError};
@@ -32,7 +32,7 @@ use crate::limits::TokenBucket;
 use crate::metrics;
 use crate::model::{DeviceId, User};
 use crate::state::Shared;
-use crate::writer;
+use crate::writer::{self, Outbound};
 
 /// Frames queued for the writer; small, because the writer coalesces whatever is queued into
 /// one TLS write and back-pressure should reach the pump quickly.
@@ -101,7 +101,7 @@ where
         let limits = &shared.config.limits;
         // Start the read buffer small: an idle connection should not hold 8 KiB it never
         // uses; it grows to the largest frame actually received.
-        let mut frames = FramedRead::with_capacity(
+        let frames = FramedRead::with_capacity(
             rd,
             ServerCodec::new(limits.max_frame_bytes),
             READ_BUFFER_START,
@@ -117,45 +117,88 @@ where
             )
             .in_current_span(),
         );
-        let mut session = Session {
-            send_bucket: TokenBucket::new(limits.messages_per_second, limits.message_burst),
-            shared: shared.clone(),
+        drive(
+            Transport {
+                frames,
+                out,
+                writer,
+                closing,
+            },
+            shared,
             peer,
-            out,
-            auth: None,
-            closing,
-        };
-        if session
-            .hello(&mut frames, handshake_deadline, &shutdown)
-            .await
-        {
-            session.serve(&mut frames, &shutdown).await;
-        }
-        session.sign_out();
-        let Session { out, .. } = session;
-        // Closing the channel lets the writer flush what is queued (GoAway included) and end.
-        drop(out);
-        if tokio::time::timeout(shared.config.timeouts.shutdown_drain(), writer)
-            .await
-            .is_err()
-        {
-            debug!("writer did not drain in time");
-        }
-        debug!("connection closed");
+            shutdown,
+            handshake_deadline,
+        )
+        .await;
     }
     .instrument(span)
 }
 
+/// A connection's two halves as the session sees them, whatever carries them (length-prefixed
+/// frames over TLS, or WebSocket messages): decoded frames in, and a queue of encoded frames
+/// drained by a writer task.
+pub struct Transport<F> {
+    pub frames: F,
+    pub out: Outbound,
+    pub writer: tokio::task::JoinHandle<()>,
+    /// Cancelled by the writer when the peer stopped reading or the socket failed.
+    pub closing: CancellationToken,
+}
+
+/// Runs the session over `transport` to its end (call inside the connection's span).
+pub async fn drive<F>(
+    transport: Transport<F>,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+    handshake_deadline: Instant,
+) where
+    F: Stream<Item = Result<pb::ClientFrame, CodecError>> + Unpin,
+{
+    let Transport {
+        mut frames,
+        out,
+        writer,
+        closing,
+    } = transport;
+    let limits = &shared.config.limits;
+    let mut session = Session {
+        send_bucket: TokenBucket::new(limits.messages_per_second, limits.message_burst),
+        shared: shared.clone(),
+        peer,
+        out,
+        auth: None,
+        closing,
+    };
+    if session
+        .hello(&mut frames, handshake_deadline, &shutdown)
+        .await
+    {
+        session.serve(&mut frames, &shutdown).await;
+    }
+    session.sign_out();
+    let Session { out, .. } = session;
+    // Closing the channel lets the writer flush what is queued (GoAway included) and end.
+    drop(out);
+    if tokio::time::timeout(shared.config.timeouts.shutdown_drain(), writer)
+        .await
+        .is_err()
+    {
+        debug!("writer did not drain in time");
+    }
+    debug!("connection closed");
+}
+
 impl Session {
     /// Waits for `Hello`; false when the connection must close.
-    async fn hello<R>(
+    async fn hello<F>(
         &mut self,
-        frames: &mut FramedRead<R, ServerCodec>,
+        frames: &mut F,
         deadline: Instant,
         shutdown: &CancellationToken,
     ) -> bool
     where
-        R: AsyncRead + Unpin,
+        F: Stream<Item = Result<pb::ClientFrame, CodecError>> + Unpin,
     {
         let frame = tokio::select! {
             f = frames.next() => f,
@@ -220,12 +263,9 @@ impl Session {
         true
     }
 
-    async fn serve<R>(
-        &mut self,
-        frames: &mut FramedRead<R, ServerCodec>,
-        shutdown: &CancellationToken,
-    ) where
-        R: AsyncRead + Unpin,
+    async fn serve<F>(&mut self, frames: &mut F, shutdown: &CancellationToken)
+    where
+        F: Stream<Item = Result<pb::ClientFrame, CodecError>> + Unpin,
     {
         let timeouts = self.shared.config.timeouts.clone();
         let mut auth_deadline = Instant::now() + timeouts.auth();

@@ -68,7 +68,11 @@ impl Tls {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
+        // Native clients ask for `messenger/1`; browsers (the WebSocket bridge) for `http/1.1`.
         server.alpn_protocols = vec![messenger_protocol::ALPN.to_vec()];
+        if config.web.enabled {
+            server.alpn_protocols.push(b"http/1.1".to_vec());
+        }
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             source,

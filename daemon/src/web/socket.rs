@@ -1,0 +1,270 @@
+//! A WebSocket as a session transport: each binary message is one `ClientFrame` in or one
+//! `ServerFrame` out (no length prefix), and the session above is the very one native
+//! connections run (same state machine, hub, limits and timeouts).
+//!
+//! Close codes say why the server ended the connection: the session's last word (an `Error`
+//! or `GoAway` frame not answering any request) picks it, or what the reader refused (a text
+//! message, an oversized one).
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, Stream, StreamExt};
+use messenger_protocol::codec::LENGTH_PREFIX_BYTES;
+use messenger_protocol::pb::{self, server_frame::Kind as Resp};
+use messenger_protocol::{CodecError, ErrorCode};
+use prost::Message as _;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::metrics;
+use crate::session::Transport;
+use crate::writer;
+
+/// Frames queued for one connection's writer (as for native connections).
+const OUTBOUND_FRAMES: usize = 64;
+
+/// The close the reader decided on, if any (it wins over the session's last frame).
+type CloseCell = Arc<Mutex<Option<(CloseCode, String)>>>;
+
+/// Builds the session transport over an upgraded WebSocket.
+pub fn transport<S>(
+    ws: WebSocketStream<S>,
+    max_frame_bytes: usize,
+    stall: Duration,
+) -> Transport<Frames<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, stream) = ws.split();
+    let close = CloseCell::default();
+    let (out, rx) = writer::channel(OUTBOUND_FRAMES, max_frame_bytes);
+    let closing = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        stall,
+        closing.clone(),
+        Arc::clone(&close),
+    ));
+    Transport {
+        frames: Frames {
+            inner: stream,
+            close,
+        },
+        out,
+        writer,
+        closing,
+    }
+}
+
+/// Decoded client frames from WebSocket messages.
+pub struct Frames<S> {
+    inner: SplitStream<WebSocketStream<S>>,
+    close: CloseCell,
+}
+
+impl<S> Frames<S> {
+    fn refuse(&self, code: CloseCode, reason: &str) {
+        *self.close.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, reason.to_owned()));
+    }
+}
+
+impl<S> Stream for Frames<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Item = Result<pb::ClientFrame, CodecError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            let message = match self.inner.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(m)) => m,
+            };
+            return Poll::Ready(Some(match message {
+                Ok(Message::Binary(bytes)) => {
+                    pb::ClientFrame::decode(bytes).map_err(CodecError::Decode)
+                }
+                // Pings are answered by the WebSocket layer itself.
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+                Ok(Message::Close(_)) => return Poll::Ready(None),
+                Ok(Message::Text(_)) => {
+                    let reason =
+                        "text messages are not accepted: send each frame as a binary message";
+                    self.refuse(CloseCode::Unsupported, reason);
+                    Err(CodecError::Io(std::io::Error::other(reason)))
+                }
+                Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+                    self.refuse(CloseCode::Size, "message exceeds the frame limit");
+                    Err(CodecError::TooLarge {
+                        len: size,
+                        max: max_size,
+                    })
+                }
+                Err(e) => Err(CodecError::Io(std::io::Error::other(e))),
+            }));
+        }
+    }
+}
+
+async fn write_loop<S>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    mut rx: mpsc::Receiver<Bytes>,
+    stall: Duration,
+    closing: CancellationToken,
+    close: CloseCell,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut last = None;
+    while let Some(first) = rx.recv().await {
+        let mut frames = 0u64;
+        // Everything already queued goes out in one flush (one TLS write).
+        let write = async {
+            let mut next = Some(first);
+            while let Some(frame) = next.take() {
+                let body = frame.slice(LENGTH_PREFIX_BYTES.min(frame.len())..);
+                last = Some(body.clone());
+                sink.feed(Message::Binary(body)).await?;
+                frames += 1;
+                next = rx.try_recv().ok();
+            }
+            sink.flush().await
+        };
+        match tokio::time::timeout(stall, write).await {
+            Ok(Ok(())) => metrics::frames_out(frames),
+            Ok(Err(e)) => {
+                debug!(error = %e, "websocket write failed");
+                closing.cancel();
+                return;
+            }
+            Err(_) => {
+                warn!(
+                    stall_secs = stall.as_secs(),
+                    "peer stopped reading; closing"
+                );
+                metrics::stall_disconnect();
+                closing.cancel();
+                return;
+            }
+        }
+    }
+    let decided = close.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let (code, reason) = decided.unwrap_or_else(|| close_for(last.as_deref()));
+    let frame = CloseFrame {
+        code,
+        reason: truncate(&reason, 123).into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = sink.send(Message::Close(Some(frame))).await;
+        let _ = sink.close().await;
+    })
+    .await;
+}
+
+/// The close code for a session that ended after sending `last`.
+fn close_for(last: Option<&[u8]>) -> (CloseCode, String) {
+    let Some(frame) = last.and_then(|b| pb::ServerFrame::decode(b).ok()) else {
+        return (CloseCode::Normal, String::new());
+    };
+    // Only unsolicited frames end a session; an error answering a request does not.
+    if frame.request_id != 0 {
+        return (CloseCode::Normal, String::new());
+    }
+    match frame.kind {
+        Some(Resp::GoAway(g)) => {
+            let code = match ErrorCode::try_from(g.code) {
+                Ok(ErrorCode::Unauthenticated | ErrorCode::PermissionDenied) => CloseCode::Policy,
+                _ => CloseCode::Away,
+            };
+            (code, g.reason)
+        }
+        Some(Resp::Error(e)) => {
+            let code = match ErrorCode::try_from(e.code) {
+                Ok(ErrorCode::TooLarge) => CloseCode::Size,
+                Ok(ErrorCode::InvalidArgument) => CloseCode::Protocol,
+                Ok(ErrorCode::Unauthenticated | ErrorCode::PermissionDenied) => CloseCode::Policy,
+                Ok(ErrorCode::RateLimited) => CloseCode::Policy,
+                Ok(ErrorCode::Unavailable) => CloseCode::Again,
+                Ok(ErrorCode::Internal) => CloseCode::Error,
+                _ => CloseCode::Normal,
+            };
+            (code, e.message)
+        }
+        _ => (CloseCode::Normal, String::new()),
+    }
+}
+
+/// At most `max` bytes of `s`, cut on a character boundary (close reasons are limited to 123).
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(frame: pb::ServerFrame) -> Vec<u8> {
+        frame.encode_to_vec()
+    }
+
+    #[test]
+    fn the_sessions_last_word_picks_the_close_code() {
+        let go_away = encoded(pb::ServerFrame {
+            request_id: 0,
+            kind: Some(Resp::GoAway(pb::GoAway {
+                reason: "server shutting down".into(),
+                reconnect_after_ms: 1000,
+                code: ErrorCode::Unavailable as i32,
+            })),
+        });
+        assert_eq!(close_for(Some(&go_away)).0, CloseCode::Away);
+        let kicked = encoded(pb::ServerFrame {
+            request_id: 0,
+            kind: Some(Resp::Error(pb::Error {
+                code: ErrorCode::Unauthenticated as i32,
+                message: "session revoked".into(),
+                retry_after_ms: 0,
+            })),
+        });
+        assert_eq!(
+            close_for(Some(&kicked)),
+            (CloseCode::Policy, "session revoked".to_owned())
+        );
+        let answer = encoded(pb::ServerFrame {
+            request_id: 7,
+            kind: Some(Resp::Error(pb::Error {
+                code: ErrorCode::NotFound as i32,
+                message: "no such user".into(),
+                retry_after_ms: 0,
+            })),
+        });
+        assert_eq!(close_for(Some(&answer)).0, CloseCode::Normal);
+        assert_eq!(close_for(None).0, CloseCode::Normal);
+    }
+
+    #[test]
+    fn close_reasons_are_cut_on_character_boundaries() {
+        let long = "é".repeat(100);
+        let cut = truncate(&long, 123);
+        assert!(cut.len() <= 123);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+}
