@@ -33,7 +33,10 @@ fn check_prerequisites(web: &Path) {
     if !matches!(&node, Ok(out) if out.status.success()) {
         panic!("node is missing; install it with: apt-get install -y nodejs npm");
     }
-    if !web.join("node_modules/playwright-core/package.json").is_file() {
+    if !web
+        .join("node_modules/playwright-core/package.json")
+        .is_file()
+    {
         panic!(
             "web/node_modules is missing; install it with: npm ci --prefix {}",
             web.display()

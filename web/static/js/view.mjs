@@ -158,7 +158,11 @@ export class View {
     }
     list.replaceChildren(...items);
     list.dataset.key = c.key;
-    if (!sameConversation || wasAtBottom) list.scrollTop = list.scrollHeight;
+    // Follow the conversation when at its end, on opening it, and when I just sent something.
+    const newest = this.#state.ordered(c).at(-1);
+    const iJustSent = newest && newest.senderId === me && newest.key !== list.dataset.newest;
+    list.dataset.newest = newest ? newest.key : "";
+    if (!sameConversation || wasAtBottom || iJustSent) list.scrollTop = list.scrollHeight;
     else list.scrollTop = list.scrollHeight - fromBottom; // keep the view still when older ones arrive
   }
 }
