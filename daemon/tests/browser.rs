@@ -12,13 +12,15 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::TestServer;
-use messenger_protocol::client::{ClientError, Recipient};
+use common::{PASSWORD, TestServer};
+use messenger_protocol::client::{Client, ClientError, Recipient};
 use messenger_protocol::pb;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const NODE_TIMEOUT: Duration = Duration::from_secs(150);
 const BOT: &str = "echo_bot";
+/// A short idle timeout, so the test sees the page's pings keep an idle connection alive.
+const IDLE_SECS: u64 = 4;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -49,7 +51,7 @@ fn check_prerequisites(web: &Path) {
 
 /// Answers every direct message from someone else with `echo: <text>`; returns what it got.
 fn spawn_echo_bot(
-    mut bot: messenger_protocol::client::Client,
+    mut bot: Client,
     me: u64,
     received: Arc<Mutex<Vec<String>>>,
 ) -> tokio::task::JoinHandle<ClientError> {
@@ -88,8 +90,15 @@ async fn two_browser_users_and_an_sdk_user_chat_through_the_web_client() {
     let web = root.join("web");
     check_prerequisites(&web);
 
-    let ts = TestServer::start().await;
-    let (bot, bot_user) = ts.user(BOT).await;
+    let ts = TestServer::start_with(|c| c.timeouts.idle_secs = IDLE_SECS).await;
+    let mut options = ts.options();
+    options.ping_interval = Duration::from_secs(1);
+    let mut bot = Client::connect(options).await.expect("connect the bot");
+    let bot_user = bot
+        .register(BOT, PASSWORD, &format!("{BOT} display"))
+        .await
+        .expect("register the bot");
+    bot.login(BOT, PASSWORD, "bot").await.expect("bot login");
     let received = Arc::new(Mutex::new(Vec::new()));
     let bot_task = spawn_echo_bot(bot, bot_user.user_id, received.clone());
 
@@ -104,6 +113,7 @@ async fn two_browser_users_and_an_sdk_user_chat_through_the_web_client() {
         .env("MESSENGER_URL", &url)
         .env("MESSENGER_CERT", &server.cert_path)
         .env("MESSENGER_SDK_USER", BOT)
+        .env("MESSENGER_IDLE_MS", (IDLE_SECS * 1000).to_string())
         .env("MESSENGER_SCREENSHOTS", &screenshots)
         .env("CHROMIUM", CHROMIUM)
         .stdin(Stdio::null())

@@ -7,12 +7,16 @@
 // Env: MESSENGER_URL (the page), MESSENGER_CERT (the server's leaf certificate, PEM: trusted
 // by its public-key pin, no blanket ignoring of certificate errors), MESSENGER_SDK_USER (an
 // SDK user that echoes direct messages), MESSENGER_SCREENSHOTS (folder; default a temp dir),
-// CHROMIUM (default /usr/bin/chromium). Exits non-zero on the first failed check.
+// CHROMIUM (default /usr/bin/chromium), MESSENGER_IDLE_MS (the server's idle timeout; the
+// keep-alive step idles longer than that). Exits non-zero on the first failed check.
 import { createHash, X509Certificate } from "node:crypto";
 import { mkdirSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
+import { messenger } from "../static/proto/messenger.mjs";
+
+const pb = messenger.v1;
 
 const env = (name, fallback) => {
   const v = process.env[name] ?? fallback;
@@ -25,6 +29,7 @@ const SDK_USER = env("MESSENGER_SDK_USER");
 const SHOTS = env("MESSENGER_SCREENSHOTS", mkdtempSync(join(tmpdir(), "messenger-screenshots-")));
 const CHROMIUM = env("CHROMIUM", "/usr/bin/chromium");
 const WAIT = 15_000;
+const IDLE_MS = Number(env("MESSENGER_IDLE_MS", "0"));
 
 mkdirSync(SHOTS, { recursive: true });
 console.log(`screenshots: ${SHOTS}`);
@@ -186,7 +191,50 @@ async function newUserPage(viewport) {
     problems.push(`a dialog opened: ${dialog.message()}`);
     await dialog.dismiss();
   });
-  return { context, page };
+  return { context, page, sockets: recordSockets(page) };
+}
+
+/** Every WebSocket of a page, with the ClientFrames it sent (decoded with the same module). */
+function recordSockets(page) {
+  const sockets = [];
+  page.on("websocket", (ws) => {
+    const entry = { url: ws.url(), closed: false, frames: [] };
+    sockets.push(entry);
+    ws.on("close", () => (entry.closed = true));
+    ws.on("framesent", ({ payload }) => {
+      if (typeof payload === "string") {
+        problems.push(`a text WebSocket message was sent: ${payload.slice(0, 40)}`);
+        return;
+      }
+      entry.frames.push(pb.ClientFrame.decode(payload));
+    });
+  });
+  return sockets;
+}
+
+/** Protocol rules every socket of a page followed: Hello first, binary only, cumulative acks. */
+function checkFrames(who, sockets) {
+  check(sockets.length > 0, `${who} opened a WebSocket`);
+  let acks = 0;
+  for (const s of sockets) {
+    check(s.url.endsWith("/start"), `${who}'s socket is on /start (${s.url})`);
+    if (!s.frames.length) continue;
+    check(s.frames[0].kind === "hello", `${who}'s first frame is Hello (got ${s.frames[0].kind})`);
+    let last = 0;
+    const ids = new Set();
+    for (const f of s.frames) {
+      if (f.kind === "ack") {
+        acks += 1;
+        check(!f.requestId, `${who}'s acks carry request_id 0`);
+        check(f.ack.upToSeq > last, `${who}'s acks are cumulative (${f.ack.upToSeq} after ${last})`);
+        last = f.ack.upToSeq;
+      } else {
+        check(f.requestId > 0 && !ids.has(f.requestId), `${who} uses a fresh request_id per request`);
+        ids.add(f.requestId);
+      }
+    }
+  }
+  check(acks > 0, `${who} acknowledged deliveries`);
 }
 
 const PASSWORD = "correct horse battery";
@@ -370,6 +418,21 @@ try {
       return (await members.count()) === 1 && (await members.filter({ hasText: `@${bob.name}` }).count()) === 0;
     });
     await screenshot(A, "group-after-leave");
+  });
+
+  await step("idle pages keep their connection alive with Ping", async () => {
+    check(IDLE_MS > 0, "MESSENGER_IDLE_MS is set");
+    const open = a.sockets.filter((s) => !s.closed);
+    check(open.length === 1, `Alice has one open socket (has ${open.length})`);
+    const pingsBefore = open[0].frames.filter((f) => f.kind === "ping").length;
+    await A.waitForTimeout(IDLE_MS + 1500); // longer than the server lets a silent connection live
+    check(!open[0].closed, "the idle connection is still open");
+    check(a.sockets.length === a.sockets.filter((s) => s.closed).length + 1, "no reconnect happened");
+    const pings = open[0].frames.filter((f) => f.kind === "ping").length - pingsBefore;
+    check(pings >= 2, `Alice pinged while idle (${pings} pings)`);
+    check((await status(A).getAttribute("data-state")) === "online", "still online");
+    checkFrames("Alice", a.sockets);
+    checkFrames("Bob", b.sockets);
   });
 
   check(problems.length === 0, `the pages reported problems:\n  ${problems.join("\n  ")}`);

@@ -89,6 +89,11 @@ $("conversations").addEventListener("click", (e) => {
   if (button) session.open(button.dataset.key).catch(showError);
 });
 
+$("messages").addEventListener("click", (e) => {
+  const c = activeConversation();
+  if (c && e.target.closest("button.load-older")) session.loadOlder(c);
+});
+
 $("member-list").addEventListener("click", (e) => {
   const button = e.target.closest("button.remove-member");
   if (button) session.removeMember(activeConversation(), Number(button.dataset.userId)).catch(showError);

@@ -64,6 +64,7 @@ export class Session {
   /** Resumes the stored session (page reload). Falls back to the login screen if refused. */
   resumeStored() {
     this.#wantConnection = true;
+    this.#state.resuming = true;
     this.#connect();
   }
 
@@ -126,6 +127,7 @@ export class Session {
   }
 
   #forget() {
+    this.#state.resuming = false;
     this.#storage.removeItem(TOKEN);
     this.#authenticated = false;
     this.#conn = null;
@@ -240,6 +242,7 @@ export class Session {
     }
     state.me = auth.user;
     state.error = "";
+    state.resuming = false;
     this.#conn = conn;
     this.#authenticated = true;
     this.#attempt = 0;

@@ -20,6 +20,7 @@ export class ChatState extends EventTarget {
   conversations = new Map(); // key -> Conversation
   activeKey = null;
   error = "";
+  resuming = false; // a stored session is being resumed: no login form meanwhile
 
   reset() {
     this.me = null;

@@ -40,7 +40,7 @@ export class View {
     this.#renderStatus();
     if (what === "connection") return;
     const signedIn = Boolean(s.me);
-    $("auth").hidden = signedIn;
+    $("auth").hidden = signedIn || s.resuming;
     $("app").hidden = !signedIn;
     $("logout").hidden = !signedIn;
     $("me").textContent = signedIn ? s.me.displayName || s.me.username : "";
@@ -134,7 +134,11 @@ export class View {
     const top = el("li", "history-marker");
     if (c.loadingHistory) top.textContent = "Loading older messages…";
     else if (c.historyLoaded && !c.hasMore) top.textContent = "Beginning of the conversation";
-    else top.textContent = "Scroll up for older messages";
+    else {
+      const more = el("button", "load-older", "Load older messages");
+      more.type = "button";
+      top.append(more);
+    }
     items.push(top);
     for (const m of this.#state.ordered(c)) {
       const mine = m.senderId === me;
