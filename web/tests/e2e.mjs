@@ -400,6 +400,67 @@ try {
     await screenshot(A, "after-offline-queue");
   });
 
+  await step("a send whose answer was lost is retried with the same id and shown once", async () => {
+    // Carol's socket goes through a Playwright WebSocket route that forwards everything but,
+    // once, swallows what the server says after her send and cuts the connection when its
+    // `Sent` comes: the message is stored, but the page never heard so.
+    const c = await newUserPage({ width: 1000, height: 700 });
+    const C = c.page;
+    const text = `the answer to this gets lost ${suffix}`;
+    const lost = { armed: true, requestId: 0, clientMsgId: "", retries: 0, retryId: 0, duplicate: null };
+    await C.routeWebSocket(/\/start$/, (ws) => {
+      const server = ws.connectToServer();
+      let swallowing = false;
+      ws.onMessage((m) => {
+        const f = pb.ClientFrame.decode(Buffer.from(m));
+        if (f.kind === "send" && Buffer.from(f.send.body).toString() === text) {
+          if (lost.armed) {
+            Object.assign(lost, { armed: false, requestId: f.requestId, clientMsgId: f.send.clientMsgId });
+            swallowing = true;
+          } else {
+            if (f.send.clientMsgId !== lost.clientMsgId) lost.otherIds = (lost.otherIds || 0) + 1;
+            lost.retries += 1;
+            lost.retryId = f.requestId;
+          }
+        }
+        server.send(m);
+      });
+      server.onMessage((m) => {
+        const f = pb.ServerFrame.decode(Buffer.from(m));
+        if (swallowing) {
+          if (f.kind === "sent" && f.requestId === lost.requestId) {
+            ws.close({ code: 4000, reason: "test: connection cut" });
+            server.close();
+          }
+          return;
+        }
+        if (f.kind === "sent" && lost.retries && f.requestId === lost.retryId) lost.duplicate = f.sent.duplicate;
+        ws.send(m);
+      });
+    });
+    await C.goto(URL_);
+    const carol = { name: `carol_${suffix}`, display: `Carol ${suffix}` };
+    await register(C, carol.name, carol.display, PASSWORD);
+    await C.locator("#new-direct input[name=username]").fill(alice.name);
+    await C.locator("#new-direct button").click();
+    await eventually("the chat with Alice", async () =>
+      (await C.locator("#chat-title").textContent()) === alice.display,
+    );
+    await send(C, text);
+    await waitSent(C, text);
+    check(lost.retries === 1, `the send was retried once after reconnecting (${lost.retries})`);
+    check(!lost.otherIds, "the retry reused the original client_msg_id");
+    check(lost.duplicate === true, "the server answered the retry as a duplicate");
+    await waitOnline(C);
+    await openConversation(A, carol.display);
+    await waitMessage(A, text, carol.display);
+    await new Promise((r) => setTimeout(r, 500));
+    check((await exactCount(A, text)) === 1, "Alice got it exactly once");
+    check((await exactCount(C, text)) === 1, "Carol shows it exactly once");
+    await screenshot(C, "retried-send");
+    await c.context.close();
+  });
+
   await step("a member leaves the group", async () => {
     await openConversation(B, team);
     await B.locator("#toggle-members").click();
