@@ -103,6 +103,8 @@ async fn two_browser_users_and_an_sdk_user_chat_through_the_web_client() {
     let bot_task = spawn_echo_bot(bot, bot_user.user_id, received.clone());
 
     let screenshots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-e2e-screenshots");
+    // Only this run's pictures: clear the previous run's.
+    let _ = std::fs::remove_dir_all(&screenshots);
     std::fs::create_dir_all(&screenshots).expect("screenshot folder");
     let server = ts.server();
     let url = format!("https://127.0.0.1:{}/", server.addr.port());

@@ -11,7 +11,6 @@ import {
   defaultUrl,
   encodeText,
 } from "./protocol.mjs";
-import { conversationKey } from "./state.mjs";
 
 const ACK_DELAY_MS = 1000;
 const ACK_BATCH = 100;
@@ -366,7 +365,12 @@ export class Session {
       if (err instanceof ConnectionLost) return; // stays queued: resent on reconnect, same id
       if (conn !== this.#conn) return;
       this.#inFlight.delete(p.clientMsgId);
-      if (err.code === ErrorCode.ERROR_CODE_RATE_LIMITED || err.code === ErrorCode.ERROR_CODE_INTERNAL || err.code === ErrorCode.ERROR_CODE_UNAVAILABLE) {
+      const retryable = [
+        ErrorCode.ERROR_CODE_RATE_LIMITED,
+        ErrorCode.ERROR_CODE_INTERNAL,
+        ErrorCode.ERROR_CODE_UNAVAILABLE,
+      ];
+      if (retryable.includes(err.code)) {
         setTimeout(() => this.#flushQueue(), Math.max(err.retryAfterMs, 500));
         return;
       }
@@ -423,8 +427,7 @@ export class Session {
     const groupIds = new Set();
     for (const g of groups.groups) {
       groupIds.add(g.groupId);
-      const c = state.conversation({ groupId: g.groupId }, g.name);
-      c.lastActivity = Math.max(c.lastActivity, 0);
+      state.conversation({ groupId: g.groupId }, g.name); // also groups without messages yet
     }
     for (const s of list.conversations) {
       if (s.user) state.conversation({ userId: s.user.userId }, s.user.displayName || s.user.username);
@@ -547,10 +550,5 @@ export class Session {
   #reportError(err) {
     this.#state.error = err.message;
     this.#state.changed();
-  }
-
-  /** Exposed for the view: the key of a conversation target. */
-  static key(to) {
-    return conversationKey(to);
   }
 }
