@@ -14,7 +14,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use messenger_protocol::ErrorCode;
 use messenger_protocol::client::{Client, ClientError, ConnectOptions, Connection, Event};
-use messenger_protocol::pb;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
