@@ -354,7 +354,7 @@ fn render_chat(f: &mut Frame, app: &App, area: Rect) -> RenderInfo {
     if scroll > 0 {
         let mark = format!(" ↑ {scroll} lines up · PgDn ");
         let w = str_width(&mark) as u16;
-        if area.width > w + 2 {
+        if area.width > w + 2 && area.height > 0 {
             let r = Rect::new(area.x + area.width - w - 1, area.y + area.height - 1, w, 1);
             f.render_widget(
                 Paragraph::new(mark).style(Style::default().fg(Color::Yellow)),
@@ -417,7 +417,7 @@ fn render_input(f: &mut Frame, app: &App, area: Rect, _rows: &[String]) {
     let width = area.width.saturating_sub(2) as usize;
     let (rows, (crow, ccol)) = input_layout(app, width);
     let height = area.height.saturating_sub(2) as usize;
-    let first = (crow + 1).saturating_sub(height);
+    let first = (crow + 1).saturating_sub(height.max(1));
     let title = match app.current() {
         Some(c) => format!(" to {} ", sanitize(&c.title)),
         None => " message ".into(),
@@ -438,11 +438,10 @@ fn render_input(f: &mut Frame, app: &App, area: Rect, _rows: &[String]) {
         .map(Line::from)
         .collect();
     f.render_widget(Paragraph::new(lines).block(block), area);
-    if app.overlay == Overlay::None {
-        f.set_cursor_position(Position::new(
-            area.x + 1 + ccol as u16,
-            area.y + 1 + (crow - first) as u16,
-        ));
+    let (x, y) = (1 + ccol, 1 + crow.saturating_sub(first));
+    // On a terminal too small for the box there is nowhere sensible to put the cursor.
+    if app.overlay == Overlay::None && x < area.width as usize && y < area.height as usize {
+        f.set_cursor_position(Position::new(area.x + x as u16, area.y + y as u16));
     }
 }
 

@@ -70,6 +70,11 @@ impl Tmux {
         String::from_utf8_lossy(&self.cmd(&["capture-pane", "-p", "-t", name]).stdout).into_owned()
     }
 
+    fn pane_field(&self, name: &str, format: &str) -> String {
+        let out = self.cmd(&["display-message", "-p", "-t", name, format]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Waits until the screen satisfies `ok`; fails with the screen otherwise.
     fn wait_for(&self, name: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -230,9 +235,23 @@ fn two_terminal_clients_exchange_direct_and_group_messages_in_tmux() {
     // Quitting restores the terminal; the token was saved with mode 0600, and the next start
     // resumes without the sign-in form.
     tmux.keys("alice", &["C-c"]);
-    tmux.wait_for("alice", "the client to exit", |s| {
-        s.contains("Pane is dead")
-    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tmux.pane_field("alice", "#{pane_dead}") != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "alice did not exit on Ctrl-C:
+{}",
+            tmux.capture("alice")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The alternate screen was left: the shell's (empty) screen is back.
+    let after = tmux.capture("alice");
+    assert!(
+        !after.contains("Conversations"),
+        "screen not restored:
+{after}"
+    );
     let token = dir.path().join("config-alice/sessions");
     let entries: Vec<_> = std::fs::read_dir(&token)
         .expect("sessions dir")
