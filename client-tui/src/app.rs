@@ -532,6 +532,8 @@ pub struct App {
     pub view_height: usize,
     pub notice: Option<(String, bool)>,
     pub quit: bool,
+    /// Local time zone offset for showing message times (UTC in tests).
+    pub utc_offset_secs: i64,
 }
 
 impl App {
@@ -552,6 +554,7 @@ impl App {
             view_height: 20,
             notice: None,
             quit: false,
+            utc_offset_secs: 0,
         }
     }
 

@@ -116,6 +116,10 @@ fn setup_terminal() -> anyhow::Result<(Terminal<CrosstermBackend<Stdout>>, Termi
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The local offset can only be read soundly while the process has one thread, so it is
+    // read here, before the runtime starts; a zone change while running is not followed.
+    let utc_offset_secs =
+        time::UtcOffset::current_local_offset().map_or(0, |o| i64::from(o.whole_seconds()));
     let trust = trust(&args)?;
     let store = TokenStore::open(args.config_dir.clone())?;
     let mut opts = ConnectOptions::new(args.server.clone(), trust);
@@ -128,10 +132,15 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    runtime.block_on(run(args, opts, store))
+    runtime.block_on(run(args, opts, store, utc_offset_secs))
 }
 
-async fn run(args: Args, opts: ConnectOptions, store: TokenStore) -> anyhow::Result<()> {
+async fn run(
+    args: Args,
+    opts: ConnectOptions,
+    store: TokenStore,
+    utc_offset_secs: i64,
+) -> anyhow::Result<()> {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel::<Command>();
     let (net_tx, mut net_rx) = mpsc::unbounded_channel();
     let net_task = tokio::spawn(net::run(
@@ -146,6 +155,7 @@ async fn run(args: Args, opts: ConnectOptions, store: TokenStore) -> anyhow::Res
 
     let (mut terminal, _guard) = setup_terminal()?;
     let mut app = App::new(args.server.clone());
+    app.utc_offset_secs = utc_offset_secs;
     let mut events = EventStream::new();
     // Redraws the reconnect countdown; input and network events redraw at once.
     let mut tick = tokio::time::interval(Duration::from_millis(500));

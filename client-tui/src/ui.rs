@@ -121,7 +121,7 @@ fn name_color(id: u64) -> Color {
 
 /// The rows of one message at `width` columns:
 /// `✓ 12:34 Alice: text` with continuation rows indented under the text.
-pub fn message_lines(m: &ChatMessage, width: usize) -> Vec<Line<'static>> {
+pub fn message_lines(m: &ChatMessage, width: usize, utc_offset_secs: i64) -> Vec<Line<'static>> {
     let (mark, mark_style) = if m.own {
         match &m.state {
             DeliveryState::Pending => ("… ", Style::default().fg(Color::DarkGray)),
@@ -164,7 +164,10 @@ pub fn message_lines(m: &ChatMessage, width: usize) -> Vec<Line<'static>> {
             if first {
                 spans.push(Span::styled(mark, mark_style));
                 spans.push(Span::styled(
-                    time_of(m.time_ms),
+                    time_of(
+                        m.time_ms
+                            .saturating_add(utc_offset_secs.saturating_mul(1000)),
+                    ),
                     Style::default().fg(Color::DarkGray),
                 ));
                 spans.push(Span::raw(" "));
@@ -315,7 +318,7 @@ fn render_chat(f: &mut Frame, app: &App, area: Rect) -> RenderInfo {
             exhausted = false;
             break;
         }
-        let mut lines = message_lines(m, width);
+        let mut lines = message_lines(m, width, app.utc_offset_secs);
         lines.reverse();
         rows.extend(lines);
     }
