@@ -201,3 +201,30 @@ async fn messages_typed_while_the_server_is_down_are_sent_once_after_it_returns(
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_certificate_is_reported_with_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = daemon(
+        &dir.path().join("data"),
+        "127.0.0.1:0".parse().expect("addr"),
+    )
+    .await;
+    let opts = ConnectOptions::new(server.addr.to_string(), Trust::Fingerprint([7; 32]));
+    let mut tui = Tui::start(opts, &dir.path().join("config"));
+    let why = tui
+        .expect("the offline state", |e| match e {
+            NetEvent::State(ConnState::Offline(why)) => Some(why.clone()),
+            NetEvent::SignedOut(_) | NetEvent::SignedIn(_) => {
+                panic!("connected despite a wrong fingerprint: {e:?}")
+            }
+            _ => None,
+        })
+        .await;
+    assert!(why.contains("is not trusted"), "{why}");
+    assert!(
+        why.contains("--ca") && why.contains("--fingerprint"),
+        "{why}"
+    );
+    server.shutdown().await;
+}
