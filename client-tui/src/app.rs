@@ -532,6 +532,8 @@ pub struct App {
     pub view_height: usize,
     pub notice: Option<(String, bool)>,
     pub quit: bool,
+    /// Quitting was asked for once while messages were unsent.
+    quit_warned: bool,
     /// Local time zone offset for showing message times (UTC in tests).
     pub utc_offset_secs: i64,
 }
@@ -554,6 +556,7 @@ impl App {
             view_height: 20,
             notice: None,
             quit: false,
+            quit_warned: false,
             utc_offset_secs: 0,
         }
     }
@@ -963,7 +966,7 @@ impl App {
         let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
         let alt = key.modifiers.contains(KeyModifiers::ALT);
         if ctrl && matches!(key.code, KeyCode::Char('c') | KeyCode::Char('q')) {
-            self.quit = true;
+            self.request_quit();
             return Vec::new();
         }
         if let Some(mut form) = self.sign_in.take() {
@@ -1064,6 +1067,28 @@ impl App {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Own messages not yet accepted by the server.
+    pub fn unsent(&self) -> usize {
+        self.conversations
+            .iter()
+            .flat_map(|c| c.messages.iter().rev())
+            .filter(|m| m.own && m.state == DeliveryState::Pending)
+            .count()
+    }
+
+    /// Quits, unless that would drop unsent messages and the user was not warned yet.
+    fn request_quit(&mut self) {
+        let unsent = self.unsent();
+        if unsent > 0 && !self.quit_warned {
+            self.quit_warned = true;
+            self.error(format!(
+                "{unsent} message(s) not sent yet and lost on quit; quit again to quit anyway"
+            ));
+            return;
+        }
+        self.quit = true;
     }
 
     fn move_line(&mut self, up: bool) {
@@ -1214,7 +1239,7 @@ impl App {
                 Vec::new()
             }
             Slash::Quit => {
-                self.quit = true;
+                self.request_quit();
                 Vec::new()
             }
             Slash::Dm(username) => vec![Command::OpenDirect { username }],

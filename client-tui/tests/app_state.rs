@@ -259,6 +259,28 @@ fn messages_typed_offline_stay_pending_in_order_until_accepted() {
 }
 
 #[test]
+fn quitting_with_unsent_messages_asks_twice() {
+    let mut app = signed_in();
+    app.on_net(NetEvent::DirectOpened(user(2, "Bob")));
+    type_str(&mut app, "still pending");
+    app.on_key(key(KeyCode::Enter));
+    assert_eq!(app.unsent(), 1);
+    app.on_key(ctrl('c'));
+    assert!(!app.quit);
+    assert!(
+        app.notice
+            .as_ref()
+            .is_some_and(|(t, _)| t.contains("not sent"))
+    );
+    app.on_key(ctrl('c'));
+    assert!(app.quit);
+    // Nothing pending: one Ctrl-C is enough.
+    let mut app = signed_in();
+    app.on_key(ctrl('c'));
+    assert!(app.quit);
+}
+
+#[test]
 fn input_history_multiline_entry_and_paste() {
     let mut app = signed_in();
     app.on_net(NetEvent::DirectOpened(user(2, "Bob")));
@@ -372,6 +394,10 @@ fn slash_commands_parse_and_become_requests() {
     type_str(&mut app, "//not a command");
     let cmds = app.on_key(key(KeyCode::Enter));
     assert!(matches!(cmds.as_slice(), [Command::Send { body, .. }] if body == "/not a command"));
+    // The message above is still pending: the first /quit warns, the second quits.
+    type_str(&mut app, "/quit");
+    app.on_key(key(KeyCode::Enter));
+    assert!(!app.quit);
     type_str(&mut app, "/quit");
     app.on_key(key(KeyCode::Enter));
     assert!(app.quit);
