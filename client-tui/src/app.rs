@@ -765,9 +765,16 @@ impl App {
                 self.conversations.clear();
                 self.selected = None;
                 self.overlay = Overlay::None;
-                let mut form = Form::sign_in(false);
-                form.error = reason;
-                self.sign_in = Some(form);
+                match (self.sign_in.as_mut(), reason) {
+                    // Shown already (e.g. with why the saved session failed): keep what was
+                    // typed and the reason.
+                    (Some(form), None) => form.busy = false,
+                    (_, reason) => {
+                        let mut form = Form::sign_in(false);
+                        form.error = reason;
+                        self.sign_in = Some(form);
+                    }
+                }
             }
             NetEvent::SignInFailed(e) => {
                 if let Some(f) = self.sign_in.as_mut() {

@@ -105,6 +105,23 @@ fn the_sign_in_form_sends_login_or_register() {
 }
 
 #[test]
+fn why_the_saved_session_failed_stays_on_the_sign_in_form() {
+    let mut app = App::new("s:1");
+    app.on_net(NetEvent::SignedOut(Some(
+        "the saved session is no longer valid".into(),
+    )));
+    type_str(&mut app, "ali");
+    // The network task then waits for the form, saying so without a reason.
+    app.on_net(NetEvent::SignedOut(None));
+    let form = app.sign_in.as_ref().expect("form");
+    assert_eq!(
+        form.error.as_deref(),
+        Some("the saved session is no longer valid")
+    );
+    assert_eq!(form.fields[0].value, "ali");
+}
+
+#[test]
 fn conversations_are_ordered_by_last_activity_with_unread_counts() {
     let mut app = signed_in();
     let bob = user(2, "Bob");
