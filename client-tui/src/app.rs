@@ -532,6 +532,10 @@ pub struct App {
     pub view_height: usize,
     pub notice: Option<(String, bool)>,
     pub quit: bool,
+    /// The connection was lost since it was last up.
+    away: bool,
+    /// Messages from others since the last reconnect, until the next key press.
+    pub since_reconnect: Option<usize>,
     /// Quitting was asked for once while messages were unsent.
     quit_warned: bool,
     /// Local time zone offset for showing message times (UTC in tests).
@@ -557,6 +561,8 @@ impl App {
             notice: None,
             quit: false,
             quit_warned: false,
+            since_reconnect: None,
+            away: false,
             utc_offset_secs: 0,
         }
     }
@@ -736,8 +742,17 @@ impl App {
             return;
         }
         let own = msg.own;
-        if c.insert_accepted(msg) && !own && !selected {
+        let inserted = c.insert_accepted(msg);
+        if inserted && !own && !selected {
             c.unread += 1;
+        }
+        if inserted
+            && !own
+            && let Some(n) = self.since_reconnect.as_mut()
+        {
+            *n += 1;
+            let text = format!("{n} new message(s) arrived while you were away");
+            self.info(text);
         }
         if selected {
             self.mark_read_and_load(out);
@@ -759,7 +774,19 @@ impl App {
             self.close_prompt();
         }
         match ev {
-            NetEvent::State(s) => self.conn = s,
+            NetEvent::State(s) => {
+                match &s {
+                    ConnState::Reconnecting { .. } | ConnState::Offline(_) => self.away = true,
+                    ConnState::Connected if self.away => {
+                        self.away = false;
+                        if self.me.is_some() {
+                            self.since_reconnect = Some(0);
+                        }
+                    }
+                    _ => {}
+                }
+                self.conn = s;
+            }
             NetEvent::SignedOut(reason) => {
                 self.me = None;
                 self.conversations.clear();
@@ -981,6 +1008,7 @@ impl App {
             self.sign_in = Some(form);
             return out;
         }
+        self.since_reconnect = None;
         match std::mem::replace(&mut self.overlay, Overlay::None) {
             Overlay::None => {}
             // Any key closes an information overlay.

@@ -494,3 +494,42 @@ fn scrolling_to_the_top_loads_older_pages_one_at_a_time() {
     app.on_key(key(KeyCode::PageDown));
     assert_eq!(app.scroll, 0);
 }
+
+#[test]
+fn what_arrived_while_away_is_counted_after_a_reconnect() {
+    use messenger_client_tui::app::ConnState;
+    let mut app = signed_in();
+    app.on_net(NetEvent::State(ConnState::Connected));
+    let bob = user(2, "Bob");
+    app.on_net(NetEvent::Message(direct(1, &bob, 1, "live", 1)));
+    assert_eq!(app.since_reconnect, None);
+    app.on_net(NetEvent::State(ConnState::Reconnecting {
+        at: std::time::Instant::now(),
+        error: "connection lost".into(),
+    }));
+    app.on_net(NetEvent::State(ConnState::Connecting));
+    app.on_net(NetEvent::State(ConnState::Connected));
+    app.on_net(NetEvent::SignedIn(user(1, "Alice")));
+    app.on_net(NetEvent::Message(direct(2, &bob, 1, "while away", 2)));
+    app.on_net(NetEvent::Message(direct(
+        3,
+        &user(3, "Carol"),
+        1,
+        "me too",
+        3,
+    )));
+    // A replayed duplicate does not count.
+    app.on_net(NetEvent::Message(direct(2, &bob, 1, "while away", 2)));
+    assert_eq!(app.since_reconnect, Some(2));
+    assert!(
+        app.notice
+            .as_ref()
+            .is_some_and(|(t, _)| t.starts_with("2 new message"))
+    );
+    assert_eq!(
+        app.conversation(ConvKey::Direct(3)).map(|c| c.unread),
+        Some(1)
+    );
+    app.on_key(key(KeyCode::Char('x')));
+    assert_eq!(app.since_reconnect, None);
+}
