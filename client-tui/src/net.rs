@@ -106,8 +106,14 @@ impl Net {
             match connected {
                 Ok(()) => {}
                 Err(e) if e.wire_code() == Some(ErrorCode::Unauthenticated) => {
-                    // The stored session was revoked; the new connection is in place.
+                    // The session was revoked (password changed or signed out elsewhere, or
+                    // it expired); the new, unauthenticated connection is in place.
                     self.forget_token();
+                    self.outbox.clear();
+                    self.emit(NetEvent::SignedOut(Some(format!(
+                        "your session ended ({}); sign in again",
+                        explain(&e, &self.server())
+                    ))));
                 }
                 Err(e) => {
                     let wait = if e.is_transient() {

@@ -22,6 +22,8 @@ use crate::app::{App, ChatMessage, ConnState, ConvKey, DeliveryState, Form, Over
 
 /// Width of the conversation list.
 const LIST_WIDTH: u16 = 26;
+/// Width of prompt and sign-in boxes.
+const FORM_WIDTH: u16 = 72;
 /// Most lines the input box grows to.
 const INPUT_MAX_LINES: usize = 6;
 
@@ -605,7 +607,11 @@ fn render_form(f: &mut Frame, form: &Form, area: Rect, header: Option<Vec<Line<'
     if form.busy {
         lines.push(Line::styled("working…", Style::default().fg(Color::Yellow)));
     } else if let Some(e) = &form.error {
-        lines.push(Line::styled(sanitize(e), Style::default().fg(Color::Red)));
+        // Wrapped here so the box grows to fit it.
+        let inner = FORM_WIDTH.min(area.width).saturating_sub(2) as usize;
+        for row in wrap(&sanitize(e), inner, inner) {
+            lines.push(Line::styled(row, Style::default().fg(Color::Red)));
+        }
     } else {
         let hint = if matches!(form.kind, crate::app::FormKind::SignIn { .. }) {
             "Enter: submit · Tab: next field · Ctrl-C: quit"
@@ -614,7 +620,7 @@ fn render_form(f: &mut Frame, form: &Form, area: Rect, header: Option<Vec<Line<'
         };
         lines.push(Line::styled(hint, Style::default().fg(Color::DarkGray)));
     }
-    let r = centered(area, 72, lines.len() as u16 + 2);
+    let r = centered(area, FORM_WIDTH, lines.len() as u16 + 2);
     let inner_width = r.width.saturating_sub(2) as usize;
     let paragraph = Paragraph::new(lines)
         .wrap(ratatui::widgets::Wrap { trim: false })

@@ -314,6 +314,14 @@ fn the_sign_in_screen_shows_the_server_and_masks_the_password() {
     assert!(s.contains("Username: alice"), "{s}");
     assert!(s.contains("Password: •••••••"), "{s}");
     assert!(!s.contains("hunter2"), "{s}");
+    app.on_net(NetEvent::SignInFailed(
+        "a rather long reason from the server that does not fit on one line of the form, \
+         so it wraps onto the next"
+            .into(),
+    ));
+    let (buf, _) = draw(&app, 80, 20);
+    let s = screen(&buf);
+    assert!(s.contains("so it wraps onto the next"), "{s}");
     app.on_net(NetEvent::State(ConnState::Reconnecting {
         at: Instant::now() + Duration::from_millis(2500),
         error: "connection refused".into(),
