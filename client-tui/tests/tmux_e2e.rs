@@ -93,10 +93,21 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
-            .env_remove("TMUX")
-            .output();
+        let tmux = |args: &[&str]| {
+            Command::new("tmux")
+                .args(["-L", &self.socket])
+                .args(args)
+                .env_remove("TMUX")
+                .output()
+        };
+        let socket = tmux(&["display-message", "-p", "#{socket_path}"])
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+        let _ = tmux(&["kill-server"]);
+        // A killed server may leave its socket file behind.
+        if let Some(path) = socket.filter(|p| !p.is_empty()) {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
