@@ -15,11 +15,11 @@ fn script() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local-cluster")
 }
 
-/// A base port whose neighbours the script uses (base, +11..+13, +41..+43, +47) are all free.
+/// A base port whose neighbours the script uses (base, +8..+10, +38..+40, +47) are all free.
 fn free_port_base() -> u16 {
     for _ in 0..200 {
         let base = 20_000 + rand::random::<u16>() % 30_000;
-        let ports = [0, 11, 12, 13, 41, 42, 43, 47].map(|o| base + o);
+        let ports = [0, 8, 9, 10, 38, 39, 40, 47].map(|o| base + o);
         if ports
             .iter()
             .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
