@@ -1027,14 +1027,28 @@ impl Store for PostgresStore {
             });
         }
 
-        // Two identical sends racing both got past the check above; the sender's row lock
-        // serialized them, so the second conflicts here with the committed first.
+        // One round trip for the message, the counters and the inbox rows, so the recipients'
+        // rows stay locked as briefly as possible. Two identical sends racing both got past the
+        // check above; the sender's row lock serialized them, so the second conflicts on the
+        // message insert, and then (joined to its empty result) updates and inserts nothing.
+        let seqs: Vec<i64> = next.iter().map(|(_, s)| bound_param(s.0)).collect();
+        let users: Vec<i64> = next.iter().map(|(u, _)| id_param(u.0)).collect();
         let inserted = db
             .query_opt(
-                "INSERT INTO messages (sender_id, sender_username, sender_display_name, \
-                 to_user_id, to_group_id, client_msg_id, body, content_type, server_time) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (sender_id, client_msg_id) DO NOTHING RETURNING id",
+                "WITH m AS ( \
+                   INSERT INTO messages (sender_id, sender_username, sender_display_name, \
+                   to_user_id, to_group_id, client_msg_id, body, content_type, server_time) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                   ON CONFLICT (sender_id, client_msg_id) DO NOTHING RETURNING id \
+                 ), counters AS ( \
+                   UPDATE users SET last_seq = v.seq \
+                   FROM unnest($10::bigint[], $11::bigint[]) AS v(id, seq), m \
+                   WHERE users.id = v.id \
+                 ), entries AS ( \
+                   INSERT INTO inbox (user_id, seq, message_id) \
+                   SELECT v.id, v.seq, m.id FROM unnest($10::bigint[], $11::bigint[]) AS v(id, seq), m \
+                 ) \
+                 SELECT id FROM m",
                 &[
                     &id_param(message.sender.0),
                     &stamped.username,
@@ -1045,6 +1059,8 @@ impl Store for PostgresStore {
                     &&message.body[..],
                     &message.content_type,
                     &message.server_time,
+                    &users,
+                    &seqs,
                 ],
             )
             .await?;
@@ -1057,21 +1073,6 @@ impl Store for PostgresStore {
                 });
         };
         let id = get_u64(&row, 0)?;
-
-        let seqs: Vec<i64> = next.iter().map(|(_, s)| bound_param(s.0)).collect();
-        let users: Vec<i64> = next.iter().map(|(u, _)| id_param(u.0)).collect();
-        db.execute(
-            "UPDATE users SET last_seq = v.seq \
-             FROM unnest($1::bigint[], $2::bigint[]) AS v(id, seq) WHERE users.id = v.id",
-            &[&users, &seqs],
-        )
-        .await?;
-        db.execute(
-            "INSERT INTO inbox (user_id, seq, message_id) \
-             SELECT v.id, v.seq, $3 FROM unnest($1::bigint[], $2::bigint[]) AS v(id, seq)",
-            &[&users, &seqs, &id_param(id)],
-        )
-        .await?;
         tx.commit().await.map_err(pg_error)?;
 
         Ok(Appended {
