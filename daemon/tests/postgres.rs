@@ -7,75 +7,17 @@
 
 mod common;
 
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::{TestServer, assert_quiet, code, deliveries, text, use_postgres};
-use messenger_daemon::testing::ThrowawayPostgres;
+use messenger_daemon::testing::{TestDatabase, ThrowawayPostgres};
 use messenger_protocol::ErrorCode;
 use messenger_protocol::client::Recipient;
 use tokio_postgres::NoTls;
 
-/// A fresh database on the shared server, dropped afterwards.
-struct SharedDb {
-    admin: tokio_postgres::Config,
-    name: String,
-    url: String,
-}
-
-impl SharedDb {
-    async fn create() -> SharedDb {
-        let admin_url = messenger_daemon::testing::postgres_admin_url();
-        let mut admin: tokio_postgres::Config = admin_url.parse().expect("test URL parses");
-        admin.connect_timeout(Duration::from_secs(5));
-        let (client, connection) = admin.connect(NoTls).await.unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL is not reachable at {admin_url}: {e}. Start it with \
-                 `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
-                 (or run .ci/services), or set MESSENGER_TEST_POSTGRES_URL"
-            )
-        });
-        tokio::spawn(connection);
-        let name = format!(
-            "msgtest_daemon_{}",
-            hex::encode(messenger_daemon::auth::random_bytes::<6>())
-        );
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("CREATE DATABASE");
-        let url = match admin_url.rfind('/') {
-            Some(i) if admin_url[..i].contains("://") && !admin_url[i..].contains('@') => {
-                format!("{}/{name}", &admin_url[..i])
-            }
-            _ => panic!("MESSENGER_TEST_POSTGRES_URL must end in /<database>"),
-        };
-        SharedDb { admin, name, url }
-    }
-}
-
-impl Drop for SharedDb {
-    fn drop(&mut self) {
-        let admin = self.admin.clone();
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                let (client, connection) = admin.connect(NoTls).await.ok()?;
-                tokio::spawn(connection);
-                client.batch_execute(&sql).await.ok()
-            })
-        })
-        .join();
-    }
-}
-
 #[tokio::test]
 async fn a_direct_message_goes_through_postgres() {
-    let db = SharedDb::create().await;
+    let db = TestDatabase::create("msgtest_daemon").await;
     let ts = TestServer::start_with(|c| use_postgres(c, &db.url)).await;
     let (alice, _) = ts.user("alice").await;
     let (mut bob, bob_user) = ts.user("bob").await;
