@@ -81,22 +81,13 @@ pub async fn run<W>(
             wr.write_all(&buf).await?;
             wr.flush().await
         };
-        match tokio::time::timeout(stall, write).await {
-            Ok(Ok(())) => metrics::frames_out(frames),
-            Ok(Err(e)) => {
-                debug!(error = %e, "write failed");
-                closing.cancel();
-                return;
-            }
-            Err(_) => {
-                warn!(
-                    stall_secs = stall.as_secs(),
-                    "peer stopped reading; closing"
-                );
-                metrics::stall_disconnect();
-                closing.cancel();
-                return;
-            }
+        if !settle(
+            tokio::time::timeout(stall, write).await,
+            frames,
+            stall,
+            &closing,
+        ) {
+            return;
         }
         buf.clear();
         if buf.capacity() > KEEP_CAPACITY {
@@ -105,4 +96,34 @@ pub async fn run<W>(
     }
     // The session ended and everything queued was written: close TLS cleanly.
     let _ = tokio::time::timeout(Duration::from_secs(2), wr.shutdown()).await;
+}
+
+/// Accounts for one write of `frames` frames bounded by `stall`; false when the connection
+/// must close (the write failed, or the peer stopped reading), with `closing` cancelled.
+pub fn settle<E: std::fmt::Display>(
+    outcome: Result<Result<(), E>, tokio::time::error::Elapsed>,
+    frames: u64,
+    stall: Duration,
+    closing: &CancellationToken,
+) -> bool {
+    match outcome {
+        Ok(Ok(())) => {
+            metrics::frames_out(frames);
+            true
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "write failed");
+            closing.cancel();
+            false
+        }
+        Err(_) => {
+            warn!(
+                stall_secs = stall.as_secs(),
+                "peer stopped reading; closing"
+            );
+            metrics::stall_disconnect();
+            closing.cancel();
+            false
+        }
+    }
 }

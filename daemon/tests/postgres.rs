@@ -7,7 +7,6 @@
 
 mod common;
 
-
 use bytes::Bytes;
 use common::{TestServer, assert_quiet, code, deliveries, text, use_postgres};
 use messenger_daemon::testing::{TestDatabase, ThrowawayPostgres};

@@ -26,9 +26,7 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
-use crate::metrics;
 use crate::session::Transport;
 use crate::writer;
 
@@ -144,22 +142,9 @@ async fn write_loop<S>(
             }
             sink.flush().await
         };
-        match tokio::time::timeout(stall, write).await {
-            Ok(Ok(())) => metrics::frames_out(frames),
-            Ok(Err(e)) => {
-                debug!(error = %e, "websocket write failed");
-                closing.cancel();
-                return;
-            }
-            Err(_) => {
-                warn!(
-                    stall_secs = stall.as_secs(),
-                    "peer stopped reading; closing"
-                );
-                metrics::stall_disconnect();
-                closing.cancel();
-                return;
-            }
+        let outcome = tokio::time::timeout(stall, write).await;
+        if !writer::settle(outcome, frames, stall, &closing) {
+            return;
         }
     }
     let decided = close.lock().unwrap_or_else(|p| p.into_inner()).take();
