@@ -35,14 +35,24 @@ fn check_prerequisites(web: &Path) {
     if !matches!(&node, Ok(out) if out.status.success()) {
         panic!("node is missing; install it with: apt-get install -y nodejs npm");
     }
-    if !web
-        .join("node_modules/playwright-core/package.json")
-        .is_file()
-    {
-        panic!(
-            "web/node_modules is missing; install it with: npm ci --prefix {}",
-            web.display()
-        );
+    let installed = |web: &Path| {
+        web.join("node_modules/playwright-core/package.json")
+            .is_file()
+    };
+    if !installed(web) {
+        // The lock file pins every package: installing them is part of running the test, as
+        // starting a throwaway PostgreSQL is for the store tests.
+        let npm = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(web)
+            .output();
+        if !matches!(&npm, Ok(out) if out.status.success()) || !installed(web) {
+            panic!(
+                "web/node_modules is missing and `npm ci` failed ({npm:?}); install it with: \
+                 npm ci --prefix {}",
+                web.display()
+            );
+        }
     }
     if !Path::new(CHROMIUM).is_file() {
         panic!("{CHROMIUM} is missing; install it with: apt-get install -y chromium");
