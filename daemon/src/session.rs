@@ -289,9 +289,18 @@ impl Session {
                         .as_ref()
                         .and_then(|a| a.handle.kick_reason())
                         .unwrap_or_else(|| WireError::new(ErrorCode::Unauthenticated, "session ended"));
+                    // A node closing all its clients at once (cut off from its cluster) must not
+                    // have them all reconnect in the same instant; a revoked session does not
+                    // reconnect at all.
+                    let reconnect_after_ms = if reason.code == ErrorCode::Unavailable {
+                        use rand::Rng;
+                        rand::rng().random_range(500..3_000)
+                    } else {
+                        0
+                    };
                     self.go_away(pb::GoAway {
                         reason: reason.message,
-                        reconnect_after_ms: 0,
+                        reconnect_after_ms,
                         code: reason.code as i32,
                     })
                     .await;
