@@ -73,24 +73,31 @@ async fn respond(
     Ok(resp)
 }
 
-/// Ready when the store answers and, in a cluster, Redis answered the last heartbeat. A node
+/// Ready when the store answers and, in a cluster, Redis answered the last heartbeat and the
+/// node is not rejoining after being cut off (it takes no sign-ins meanwhile). A node
 /// cut off from Redis would still serve (messages are safe in the store) but its clients would
 /// get other nodes' messages only by polling, so the balancer should prefer the others. If
 /// Redis is down for every node, every node reports it: the balancer config (deploy/) keeps
 /// routing to them then rather than refusing everyone.
 async fn readiness(shared: &Shared) -> (StatusCode, &'static str, String) {
     let store = shared.store.health().await;
-    let redis = shared.cluster.as_ref().map(|c| c.is_healthy());
     let mut body = match &store {
         Ok(_) => "store: ok\n".to_string(),
         Err(e) => format!("store: {e}\n"),
     };
-    match redis {
-        Some(true) => body.push_str("redis: ok\n"),
-        Some(false) => body.push_str("redis: unreachable\n"),
-        None => {}
+    let mut ready = store.is_ok();
+    if let Some(cluster) = &shared.cluster {
+        if cluster.redis_reachable() {
+            body.push_str("redis: ok\n");
+        } else {
+            body.push_str("redis: unreachable\n");
+            ready = false;
+        }
+        if cluster.is_rejoining() {
+            body.push_str("cluster: rejoining after being cut off\n");
+            ready = false;
+        }
     }
-    let ready = store.is_ok() && redis != Some(false);
     let status = if ready {
         StatusCode::OK
     } else {

@@ -397,6 +397,21 @@ impl Session {
                 "log in or resume first",
             ));
         }
+        if matches!(kind, Req::Login(_) | Req::Resume(_))
+            && self
+                .shared
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.is_rejoining())
+        {
+            // Sign-ins read from sockets while this node was frozen may be ones their clients
+            // already gave up on (and resumed elsewhere): taking them now would fence the
+            // live connection. Real clients retry and land on a node that is ready.
+            return Err(WireError::new(
+                ErrorCode::Unavailable,
+                "this node is rejoining its cluster; try again",
+            ));
+        }
         match kind {
             Req::Ping(_) => ok(Resp::Pong(pb::Pong {})),
             Req::Hello(_) => Err(WireError::new(

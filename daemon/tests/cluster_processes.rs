@@ -369,6 +369,17 @@ async fn a_frozen_node_is_routed_around_and_rejoins_without_delivering_anything_
             .await
             >= 1.0
     );
+    // Nothing it read from its sockets after waking (sign-ins whose clients had already moved
+    // on) displaced a live connection elsewhere.
+    let fenced: Vec<_> = outcome
+        .errors
+        .keys()
+        .filter(|k| k.starts_with("receive:") && k.contains("resumed on a newer connection"))
+        .collect();
+    assert!(
+        fenced.is_empty(),
+        "live connections were fenced: {fenced:?}"
+    );
     cluster.nodes[1].ready().await;
 }
 

@@ -118,6 +118,12 @@ pub struct Cluster {
     missed: AtomicBool,
     /// Nodes whose heartbeat is current (this one included).
     live_nodes: RwLock<HashSet<String>>,
+    /// Set when this node found it had been cut off: until then it takes no sign-ins and
+    /// reports not ready.
+    rejoining_until: std::sync::Mutex<Option<Instant>>,
+    /// When the heartbeat loop last ran: a process that was stopped wakes with this long
+    /// past, before the loop itself has had a chance to notice.
+    last_tick: std::sync::Mutex<Instant>,
     heartbeat: Duration,
     node_ttl: Duration,
     stop: CancellationToken,
@@ -165,6 +171,8 @@ impl Cluster {
             healthy: AtomicBool::new(true),
             missed: AtomicBool::new(false),
             live_nodes: RwLock::new(HashSet::new()),
+            rejoining_until: std::sync::Mutex::new(None),
+            last_tick: std::sync::Mutex::new(Instant::now()),
             heartbeat: config.heartbeat(),
             node_ttl: config.node_ttl(),
             stop: CancellationToken::new(),
@@ -197,9 +205,40 @@ impl Cluster {
         &self.node
     }
 
-    /// Redis answered the last heartbeat.
+    /// Redis answered the last heartbeat, and the node is not rejoining after being cut off.
     pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire) && !self.is_rejoining()
+    }
+
+    /// Redis answered the last heartbeat.
+    pub fn redis_reachable(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
+    }
+
+    /// True for one node TTL after this node found it had been cut off (frozen, partitioned),
+    /// and from the moment it wakes up, before its heartbeat loop has run.
+    pub fn is_rejoining(&self) -> bool {
+        let stalled = self
+            .last_tick
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            > self.node_ttl;
+        if stalled {
+            return true;
+        }
+        let mut until = self
+            .rejoining_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match *until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                *until = None;
+                false
+            }
+            None => false,
+        }
     }
 
     /// Hands an accepted message to the router, for recipients connected to other nodes.
@@ -318,10 +357,18 @@ impl Cluster {
             ticks += 1;
             let gap = last_tick.elapsed();
             last_tick = Instant::now();
+            *self.last_tick.lock().unwrap_or_else(|p| p.into_inner()) = last_tick;
             if gap > self.node_ttl {
                 // The process was stopped or starved past the TTL: other nodes took this one
                 // for dead, its clients may have resumed elsewhere, routes skipped it.
                 metrics::cluster_cut_off();
+                // Connections that the kernel accepted while the process was stopped may carry
+                // sign-ins their clients already abandoned: refuse sign-ins (and report not
+                // ready) for one TTL, the time a client needs to give up and go elsewhere.
+                *self
+                    .rejoining_until
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + self.node_ttl);
                 let closed = self.hub.kick_all(&WireError::new(
                     ErrorCode::Unavailable,
                     "this node was cut off from the cluster; reconnect",
@@ -331,7 +378,7 @@ impl Cluster {
                     closed, "this node was cut off; closed every connection"
                 );
             }
-            let was_healthy = self.is_healthy();
+            let was_healthy = self.redis_reachable();
             match self.beat().await {
                 Ok(()) => {
                     self.set_healthy(true);
