@@ -48,6 +48,23 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+// Both backends store ids, seqs and counts as signed 64-bit integers.
+
+/// An id beyond `i64::MAX` cannot name a stored row, so it becomes -1, which matches nothing
+/// (stored ids are positive).
+fn id_param(id: u64) -> i64 {
+    i64::try_from(id).unwrap_or(-1)
+}
+
+/// Bounds (seqs, "before" ids) saturate instead: "after 2^63+1" means "after everything".
+fn bound_param(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn limit_param(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// A new account, the username already validated; `username_key` is its case-folded form,
 /// which is what uniqueness is checked on.
 #[derive(Debug, Clone)]

@@ -23,7 +23,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, NoTls, Row, Statement};
 
-use super::{NewAccount, NewSession, Store, StoreError, StoreResult};
+use super::{
+    NewAccount, NewSession, Store, StoreError, StoreResult, bound_param, id_param, limit_param,
+};
 use crate::model::{
     Account, Appended, Conversation, DeviceId, Group, GroupId, GroupMember, InboxEntry, MessageId,
     NewMessage, Recipient, Seq, Session, StoredMessage, UnixMillis, User, UserId, now_millis,
@@ -379,21 +381,6 @@ fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
 
 fn is_foreign_key_violation(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION)
-}
-
-/// Ids are BIGINT. An id beyond `i64::MAX` cannot name a stored row, so it becomes -1, which
-/// matches nothing (stored ids are positive).
-fn id_param(id: u64) -> i64 {
-    i64::try_from(id).unwrap_or(-1)
-}
-
-/// Bounds (seqs, "before" ids) saturate instead: "after 2^63+1" means "after everything".
-fn bound_param(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn limit_param(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn get<'r, T: tokio_postgres::types::FromSql<'r>>(row: &'r Row, idx: usize) -> StoreResult<T> {

@@ -23,7 +23,9 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::{Semaphore, oneshot};
 
-use super::{NewAccount, NewSession, Store, StoreError, StoreResult};
+use super::{
+    NewAccount, NewSession, Store, StoreError, StoreResult, bound_param, id_param, limit_param,
+};
 use crate::model::{
     Account, Appended, Conversation, DeviceId, Group, GroupId, GroupMember, InboxEntry, MessageId,
     NewMessage, Recipient, Seq, Session, StoredMessage, UnixMillis, User, UserId, now_millis,
@@ -380,21 +382,6 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
             if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
                 || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
     )
-}
-
-/// `SQLite` integers are signed. An id beyond `i64::MAX` cannot name a stored row, so it becomes
-/// -1, which matches nothing (stored ids are positive).
-fn id_param(id: u64) -> i64 {
-    i64::try_from(id).unwrap_or(-1)
-}
-
-/// Bounds (seqs, "before" ids) saturate instead: "after 2^63+1" means "after everything".
-fn bound_param(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn limit_param(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn get_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
