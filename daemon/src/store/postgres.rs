@@ -334,6 +334,25 @@ macro_rules! begin {
     };
 }
 
+/// As `begin!`, for reads that must see one snapshot (a membership check and the page it
+/// guards): a read-only REPEATABLE READ transaction.
+macro_rules! begin_snapshot {
+    ($conn:expr, $tx:ident, $db:ident) => {
+        let PgConn { client, statements } = &mut *$conn;
+        let $tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg_error)?;
+        let mut $db = Db {
+            client: &$tx,
+            statements,
+        };
+    };
+}
+
 // ----- errors and conversions -----
 
 /// Whether the error means the database could not be reached or dropped the connection (or
@@ -1133,18 +1152,7 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<StoredMessage>> {
         let mut conn = self.conn().await?;
         // One snapshot for the membership check and the page.
-        let PgConn { client, statements } = &mut *conn;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(pg_error)?;
-        let mut db = Db {
-            client: &tx,
-            statements,
-        };
+        begin_snapshot!(conn, tx, db);
         let before = before.map_or(i64::MAX, |id| bound_param(id.0));
         let limit = limit_param(limit);
         let rows = match conversation {
@@ -1328,18 +1336,7 @@ impl Store for PostgresStore {
 
     async fn group(&self, reader: UserId, group: GroupId) -> StoreResult<Group> {
         let mut conn = self.conn().await?;
-        let PgConn { client, statements } = &mut *conn;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(pg_error)?;
-        let mut db = Db {
-            client: &tx,
-            statements,
-        };
+        begin_snapshot!(conn, tx, db);
         require_member(&mut db, group, reader, None).await?;
         let loaded = load_group(&mut db, group).await?;
         tx.commit().await.map_err(pg_error)?;
