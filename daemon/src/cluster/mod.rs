@@ -510,22 +510,30 @@ impl Cluster {
         if !connected.is_empty() {
             self.register_connections(&connected).await?;
         }
-        if !kicks.is_empty() {
-            let users: Vec<UserId> = kicks.iter().map(|k| UserId(k.user)).collect();
-            let nodes_of = self.nodes_of(&users).await?;
-            let mut envelopes: HashMap<String, wire::Envelope> = HashMap::new();
-            for kick in kicks {
-                for node in nodes_of.get(&UserId(kick.user)).into_iter().flatten() {
-                    envelopes
-                        .entry(node.clone())
-                        .or_default()
-                        .kicks
-                        .push(kick.clone());
-                }
-            }
-            self.publish(envelopes, "control").await?;
+        let kicks = kicks.into_iter().map(|k| (UserId(k.user), k)).collect();
+        self.tell_other_nodes(kicks, |envelope, kick| envelope.kicks.push(kick))
+            .await
+    }
+
+    /// Sends each item to every other node holding a connection of its user, one envelope per
+    /// node (`add` puts an item into an envelope).
+    async fn tell_other_nodes<T: Clone>(
+        &self,
+        items: Vec<(UserId, T)>,
+        add: fn(&mut wire::Envelope, T),
+    ) -> redis::RedisResult<()> {
+        if items.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let users: Vec<UserId> = items.iter().map(|(u, _)| *u).collect();
+        let nodes_of = self.nodes_of(&users).await?;
+        let mut envelopes: HashMap<String, wire::Envelope> = HashMap::new();
+        for (user, item) in items {
+            for node in nodes_of.get(&user).into_iter().flatten() {
+                add(envelopes.entry(node.clone()).or_default(), item.clone());
+            }
+        }
+        self.publish(envelopes, "control").await
     }
 
     /// Adds these connections' users to presence, gives each connection without one an
@@ -565,26 +573,19 @@ impl Cluster {
         for conn in conns {
             conn.request_catch_up();
         }
-        if fresh.is_empty() {
-            return Ok(());
-        }
-        let users: Vec<UserId> = fresh.iter().map(|c| c.user).collect();
-        let nodes_of = self.nodes_of(&users).await?;
-        let mut envelopes: HashMap<String, wire::Envelope> = HashMap::new();
-        for conn in &fresh {
-            for node in nodes_of.get(&conn.user).into_iter().flatten() {
-                envelopes
-                    .entry(node.clone())
-                    .or_default()
-                    .fences
-                    .push(wire::Fence {
-                        user: conn.user.0,
-                        device: conn.device.0,
-                        epoch: conn.epoch(),
-                    });
-            }
-        }
-        self.publish(envelopes, "control").await
+        let fences = fresh
+            .iter()
+            .map(|conn| {
+                let fence = wire::Fence {
+                    user: conn.user.0,
+                    device: conn.device.0,
+                    epoch: conn.epoch(),
+                };
+                (conn.user, fence)
+            })
+            .collect();
+        self.tell_other_nodes(fences, |envelope, fence| envelope.fences.push(fence))
+            .await
     }
 
     /// The other live nodes holding a connection of each user. Entries of dead nodes are
