@@ -87,6 +87,18 @@ impl Nodes {
         }
     }
 
+    /// Waits until every connection on `node` has its cluster epoch (presence registered).
+    async fn until_registered(&self, node: usize, what: &str) {
+        let hub = &self.nodes[node].shared.hub;
+        until(what, || hub.connections().iter().all(|c| c.epoch() > 0)).await;
+    }
+
+    /// Waits until `node` holds no connection of `user`.
+    async fn until_gone(&self, node: usize, user: u64, what: &str) {
+        let hub = &self.nodes[node].shared.hub;
+        until(what, || !hub.connections().iter().any(|c| c.user.0 == user)).await;
+    }
+
     async fn stop(self) {
         for node in self.nodes {
             node.shutdown().await;
@@ -186,27 +198,15 @@ async fn a_device_resumed_on_another_node_closes_its_older_connection_there() {
     let (mut alice, _) = nodes.user(0, "alice").await;
     let (bob_old, b) = nodes.user(0, "bob").await;
     let token = bob_old.session().expect("logged in").session_token.clone();
-    until("bob's first connection is fenced-ready", || {
-        nodes.nodes[0]
-            .shared
-            .hub
-            .connections()
-            .iter()
-            .all(|c| c.epoch() > 0)
-    })
-    .await;
+    nodes
+        .until_registered(0, "bob's first connection is fenced-ready")
+        .await;
     // The same device resumes through the other node (as after a half-open connection).
     let mut bob_new = Client::connect(nodes.options(1)).await.expect("connect");
     bob_new.resume(&token).await.expect("resume");
-    until("node 0 closed bob's older connection", || {
-        !nodes.nodes[0]
-            .shared
-            .hub
-            .connections()
-            .iter()
-            .any(|c| c.user.0 == b.user_id)
-    })
-    .await;
+    nodes
+        .until_gone(0, b.user_id, "node 0 closed bob's older connection")
+        .await;
     // The new connection gets what is sent from now on, and alice still gets her own copy.
     send(&alice, Recipient::User(b.user_id), "to the new one").await;
     assert_eq!(
@@ -223,15 +223,9 @@ async fn deleting_an_account_closes_its_connections_on_every_node() {
     let redis = TestRedis::start();
     let nodes = Nodes::start(2, &redis).await;
     let (_bob_phone, b) = nodes.user(0, "bob").await;
-    until("bob's presence is registered", || {
-        nodes.nodes[0]
-            .shared
-            .hub
-            .connections()
-            .iter()
-            .all(|c| c.epoch() > 0)
-    })
-    .await;
+    nodes
+        .until_registered(0, "bob's presence is registered")
+        .await;
     let mut laptop = Client::connect(nodes.options(1)).await.expect("connect");
     laptop
         .login("bob", PASSWORD, "laptop")
@@ -242,15 +236,13 @@ async fn deleting_an_account_closes_its_connections_on_every_node() {
         .delete_account(PASSWORD)
         .await
         .expect("delete");
-    until("node 0 closed the deleted account's connection", || {
-        !nodes.nodes[0]
-            .shared
-            .hub
-            .connections()
-            .iter()
-            .any(|c| c.user.0 == b.user_id)
-    })
-    .await;
+    nodes
+        .until_gone(
+            0,
+            b.user_id,
+            "node 0 closed the deleted account's connection",
+        )
+        .await;
     nodes.stop().await;
 }
 
