@@ -2,6 +2,7 @@
 //! its command line, and the daemon's cluster failure tests drive traffic through it while
 //! they kill nodes, so both judge delivery with the same checker.
 
+pub mod chaos;
 pub mod checker;
 pub mod daemon_metrics;
 pub mod drive;

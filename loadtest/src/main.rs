@@ -3,7 +3,7 @@
 //! message reached every intended recipient exactly once and in order. Exits non-zero when the
 //! check finds any loss, duplicate, reordering or misdelivery.
 
-use messenger_loadtest::{daemon_metrics, fleet, payload, peers, report, scenarios, stats};
+use messenger_loadtest::{chaos, daemon_metrics, fleet, payload, peers, report, scenarios, stats};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -135,6 +135,10 @@ enum Scenario {
         #[arg(long, default_value_t = 50)]
         size: u32,
     },
+    /// Chaos soak: starts a local cluster (three messengerd on PostgreSQL and Redis behind
+    /// HAProxy) and a single SQLite node, cycles faults under traffic for N rounds, prints a
+    /// table per fault. Uses the global --rate and --json only.
+    Chaos(chaos::ChaosArgs),
 }
 
 fn secs(s: f64) -> Duration {
@@ -158,7 +162,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let clean = runtime.block_on(run(cli))?;
+    let clean = match &cli.scenario {
+        Scenario::Chaos(args) => runtime.block_on(chaos::run(args, cli.rate, cli.json.clone()))?,
+        _ => runtime.block_on(run(cli))?,
+    };
     if !clean {
         std::process::exit(1);
     }
@@ -189,6 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             groups,
             size,
         } => pairs * 2 + groups * size,
+        Scenario::Chaos(_) => 0,
     };
     let token_cache = cli.token_cache.clone().or_else(|| {
         std::env::var_os("HOME").map(|h| {
@@ -236,6 +244,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             groups,
             size,
         } => scenarios::mixed::run(&params, *pairs, *groups, *size).await?,
+        Scenario::Chaos(_) => anyhow::bail!("chaos runs on its own"),
     };
     if let (Some(before), Some(after)) = (&metrics_before, daemon_metrics::scrape(&cli.admin).await)
     {
