@@ -291,7 +291,10 @@ impl Node {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("node {} did not stop within {WAIT:?} of SIGTERM", self.index);
+                bail!(
+                    "node {} did not stop within {WAIT:?} of SIGTERM",
+                    self.index
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -622,7 +625,14 @@ impl Drop for Database {
                 .enable_all()
                 .build()
                 .ok()?;
-            rt.block_on(async move { admin_client(&url).await.ok()?.batch_execute(&sql).await.ok() })
+            rt.block_on(async move {
+                admin_client(&url)
+                    .await
+                    .ok()?
+                    .batch_execute(&sql)
+                    .await
+                    .ok()
+            })
         })
         .join();
     }

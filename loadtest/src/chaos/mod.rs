@@ -262,9 +262,9 @@ pub async fn soak(opts: &SoakOptions, rounds: &mut Vec<RoundRecord>) -> anyhow::
 }
 
 fn round_line(r: &RoundRecord, total: usize) -> String {
-    let served = r
-        .served_again_ms
-        .map_or("never".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+    let served = r.served_again_ms.map_or("never".to_string(), |ms| {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    });
     let mut line = format!(
         "round {}/{} {}: accepted {} delivered {} lost {} dup {} reordered {} misdelivered {} \
          unconfirmed {} reconnects {} starts {} served again {served} ({:.1} s)",
@@ -335,7 +335,8 @@ async fn one_round(
                 cluster.database()
             );
         }
-        let probe = Probe::prepare(cluster.address.to_string(), trust(&cluster.ca), "chaos").await?;
+        let probe =
+            Probe::prepare(cluster.address.to_string(), trust(&cluster.ca), "chaos").await?;
         deployments.cluster = Some((cluster, probe));
     }
     let Some((cluster, probe)) = deployments.cluster.as_mut() else {

@@ -1,0 +1,72 @@
+//! A tiny chaos soak end to end with the real binaries: the single SQLite node killed under
+//! load, then a cluster node killed behind HAProxy. Every accepted message must arrive once
+//! and in order, and each fault must really have hit the clients.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use messenger_loadtest::chaos::cluster::LaunchOptions;
+use messenger_loadtest::chaos::faults::Fault;
+use messenger_loadtest::chaos::{self, SoakOptions};
+
+/// `messengerd` of this workspace, built into the same target dir as this test (test binaries
+/// live in `target/<profile>/deps/`). Cargo builds another crate's binary only for that
+/// crate's tests, so it is built here: a no-op when up to date, and never stale.
+fn messengerd() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let target_dir = profile_dir.parent().expect("target dir");
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build
+        .args(["build", "-p", "messenger-daemon", "--bin", "messengerd"])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo runs");
+    assert!(status.success(), "building messengerd failed");
+    let binary = profile_dir.join("messengerd");
+    assert!(
+        binary.exists(),
+        "{} missing after the build",
+        binary.display()
+    );
+    binary
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_single_node_and_a_killed_cluster_node_lose_and_duplicate_nothing() {
+    let haproxy_cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/haproxy.cfg");
+    let mut opts = SoakOptions::new(LaunchOptions::new(messengerd(), haproxy_cfg));
+    opts.rounds = 2;
+    opts.faults = vec![Fault::SingleKill, Fault::Kill];
+    opts.pairs = 10;
+    opts.rate = 200.0;
+    let mut rounds = Vec::new();
+    chaos::soak(&opts, &mut rounds)
+        .await
+        .expect("the soak runs");
+    eprintln!("{}", chaos::table(&rounds));
+    assert_eq!(rounds.len(), 2);
+    for r in &rounds {
+        assert!(r.error.is_none(), "round failed: {r:?}");
+        assert_eq!(r.lost, 0, "{r:?}");
+        assert_eq!(r.duplicated, 0, "{r:?}");
+        assert_eq!(r.reordered, 0, "{r:?}");
+        assert_eq!(r.misdelivered, 0, "{r:?}");
+        assert!(r.accepted > 0, "nothing was accepted: {r:?}");
+        assert_eq!(r.delivered, r.accepted, "{r:?}");
+        // The fault hit: the killed node was started again and clients had to reconnect.
+        assert!(r.node_starts >= 1, "no node restarted: {r:?}");
+        assert!(r.reconnects > 0, "no client lost its connection: {r:?}");
+        assert!(r.served_again_ms.is_some(), "never served again: {r:?}");
+        assert!(r.clean(), "{r:?}");
+    }
+    assert_eq!(rounds[0].fault, Fault::SingleKill);
+    assert_eq!(rounds[1].fault, Fault::Kill);
+}
