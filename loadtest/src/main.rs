@@ -147,10 +147,15 @@ fn secs(s: f64) -> Duration {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // A soak kills nodes on purpose: every client noticing it is not news.
+    let default_filter = match cli.scenario {
+        Scenario::Chaos(_) => "warn,messenger_protocol::client=error",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -320,8 +320,8 @@ async fn one_round(
         })
         .await?;
         faults::recover_single(single).await?;
-        let outcome = traffic.await.context("traffic task")??;
-        let served = served.await.context("probe task")?;
+        let outcome = traffic.join().await??;
+        let served = served.join().await?;
         let starts = single.node.starts - starts;
         return Ok(record(round, fault, &outcome, starts, served, traffic_secs));
     }
@@ -358,15 +358,31 @@ async fn one_round(
     })
     .await?;
     faults::recover(fault, cluster, round).await?;
-    let outcome = traffic.await.context("traffic task")??;
-    let served = served.await.context("probe task")?;
+    let outcome = traffic.join().await??;
+    let served = served.join().await?;
     cluster.heal().await?;
     let starts = cluster.nodes.iter().map(|n| n.starts).sum::<u32>() - starts;
     Ok(record(round, fault, &outcome, starts, served, traffic_secs))
 }
 
-type TrafficTask = tokio::task::JoinHandle<anyhow::Result<Outcome>>;
-type ProbeTask = tokio::task::JoinHandle<Option<Duration>>;
+/// A spawned task that is aborted when dropped: a round that fails half-way leaves no traffic
+/// or probe running into the next one.
+struct Task<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Task<T> {
+    async fn join(mut self) -> anyhow::Result<T> {
+        (&mut self.0).await.context("task panicked")
+    }
+}
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type TrafficTask = Task<anyhow::Result<Outcome>>;
+type ProbeTask = Task<Option<Duration>>;
 
 /// Starts the traffic; once its users are connected and it has sent for the lead-in, runs
 /// `inject` (which returns the moment of the fault) and starts probing for service from then.
@@ -378,12 +394,13 @@ async fn with_traffic(
 ) -> anyhow::Result<(TrafficTask, ProbeTask)> {
     let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
     let pairs = opts.pairs;
-    let mut traffic = tokio::spawn(async move { direct_pairs(&params, pairs, connected_tx).await });
+    let traffic = Task(tokio::spawn(async move {
+        direct_pairs(&params, pairs, connected_tx).await
+    }));
     tokio::select! {
         connected = connected_rx => if connected.is_err() {
             // The task ended before its users connected: its error says why.
-            let result = (&mut traffic).await.context("traffic task")?;
-            result?;
+            traffic.join().await??;
             anyhow::bail!("the traffic ended before it started");
         },
         _ = tokio::time::sleep(cluster::WAIT) => anyhow::bail!("the users did not connect within {:?}", cluster::WAIT),
@@ -392,7 +409,9 @@ async fn with_traffic(
     let t0 = inject.await?;
     let probe = probe.clone();
     let limit = opts.served_limit;
-    let served = tokio::spawn(async move { probe.served_again(t0, limit).await });
+    let served = Task(tokio::spawn(
+        async move { probe.served_again(t0, limit).await },
+    ));
     Ok((traffic, served))
 }
 
