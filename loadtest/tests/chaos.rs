@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use messenger_loadtest::chaos::cluster::LaunchOptions;
+use messenger_loadtest::chaos::cluster::{LaunchOptions, PostgresChoice};
 use messenger_loadtest::chaos::faults::Fault;
 use messenger_loadtest::chaos::{self, SoakOptions};
 
@@ -42,7 +42,12 @@ fn messengerd() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_single_node_and_a_killed_cluster_node_lose_and_duplicate_nothing() {
     let haproxy_cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/haproxy.cfg");
-    let mut opts = SoakOptions::new(LaunchOptions::new(messengerd(), haproxy_cfg));
+    let mut launch = LaunchOptions::new(messengerd(), haproxy_cfg);
+    // The tests' PostgreSQL (neither fault here stops it): the one every other test uses.
+    launch.postgres = PostgresChoice::Server {
+        admin_url: messenger_daemon::testing::postgres_admin_url(),
+    };
+    let mut opts = SoakOptions::new(launch);
     opts.rounds = 2;
     opts.faults = vec![Fault::SingleKill, Fault::Kill];
     opts.pairs = 10;
