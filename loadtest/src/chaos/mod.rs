@@ -624,3 +624,57 @@ pub fn table(rounds: &[RoundRecord]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(fault: Fault, lost: u64, served_ms: Option<u64>) -> RoundRecord {
+        RoundRecord {
+            accepted: 100,
+            delivered: 100 - lost,
+            lost,
+            served_again_ms: served_ms,
+            error: None,
+            ..RoundRecord::failed(0, fault, String::new())
+        }
+    }
+
+    #[test]
+    fn a_round_fails_on_a_loss_on_no_service_or_on_an_error() {
+        assert!(round(Fault::Kill, 0, Some(10)).clean());
+        assert!(!round(Fault::Kill, 1, Some(10)).clean());
+        assert!(!round(Fault::Kill, 0, None).clean());
+        assert!(!RoundRecord::failed(0, Fault::Kill, "boom".into()).clean());
+    }
+
+    #[test]
+    fn the_summary_adds_up_per_fault_with_served_again_median_and_max() {
+        let rounds = vec![
+            round(Fault::Kill, 0, Some(300)),
+            round(Fault::Kill, 2, Some(100)),
+            round(Fault::Kill, 0, Some(200)),
+            round(Fault::Freeze, 0, None),
+        ];
+        let s = summarize(&rounds);
+        let kill = &s[&Fault::Kill];
+        assert_eq!(kill.rounds, 3);
+        assert_eq!(kill.failed_rounds, 1);
+        assert_eq!(kill.accepted, 300);
+        assert_eq!(kill.lost, 2);
+        assert_eq!(kill.served_again_p50_ms, Some(200));
+        assert_eq!(kill.served_again_max_ms, Some(300));
+        assert_eq!(s[&Fault::Freeze].failed_rounds, 1);
+        assert_eq!(s[&Fault::Freeze].served_again_max_ms, None);
+        let table = table(&rounds);
+        assert!(table.contains("FAILED"), "{table}");
+    }
+
+    #[test]
+    fn faults_parse_by_their_names() {
+        for f in Fault::ALL {
+            assert_eq!(f.name().parse::<Fault>(), Ok(f));
+        }
+        assert!("nap".parse::<Fault>().is_err());
+    }
+}
