@@ -186,9 +186,12 @@ pub async fn run(
     }
     let started = Instant::now();
     let mut rounds = Vec::new();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let result = tokio::select! {
         r = soak(&opts, &mut rounds) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("terminated")),
     };
     // Everything the soak started is gone by now (dropped with its future).
     print!("{}", table(&rounds));
