@@ -1497,7 +1497,7 @@ pub(crate) mod postgres_backend {
                  $(ls /etc/postgresql) main start\n\
                  or install it: apt-get install -y postgresql, or point \
                  MESSENGER_TEST_POSTGRES_URL at a server where the user may CREATE DATABASE \
-                 (.ci/services does all of this)."
+                 (script/test does all of this)."
             ),
         };
         tokio::spawn(connection);
