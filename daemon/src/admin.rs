@@ -29,10 +29,14 @@ use readiness::StoreHealth;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let health = StoreHealth::spawn(shared.store.clone(), shutdown.clone());
+    let (health, prober) = StoreHealth::spawn(shared.store.clone(), shutdown.clone());
     loop {
         let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // The store is closed after this returns: no probe may still be using it.
+                let _ = prober.await;
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
@@ -33,10 +34,11 @@ pub struct StoreHealth {
 }
 
 impl StoreHealth {
-    /// Starts probing `store` until `shutdown`; one prober however many requests ask.
-    pub fn spawn(store: Arc<dyn Store>, shutdown: CancellationToken) -> Self {
+    /// Starts probing `store` until `shutdown`; one prober however many requests ask. The
+    /// task ends promptly on `shutdown`, even mid-probe, so the store can be closed after it.
+    pub fn spawn(store: Arc<dyn Store>, shutdown: CancellationToken) -> (Self, JoinHandle<()>) {
         let (tx, last) = watch::channel(None);
-        tokio::spawn(async move {
+        let prober = tokio::spawn(async move {
             let mut tick = tokio::time::interval(PROBE_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -44,7 +46,11 @@ impl StoreHealth {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let outcome = match tokio::time::timeout(PROBE_TIMEOUT, store.health()).await {
+                let probe = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    probe = tokio::time::timeout(PROBE_TIMEOUT, store.health()) => probe,
+                };
+                let outcome = match probe {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("no answer within {} ms", PROBE_TIMEOUT.as_millis())),
@@ -58,7 +64,7 @@ impl StoreHealth {
                 }
             }
         });
-        Self { last }
+        (Self { last }, prober)
     }
 
     /// `Ok`, or why the store is not ready. Waits only before the very first probe finished,
