@@ -171,3 +171,24 @@ pub fn cluster_catch_up_all(why: &'static str) {
 pub fn cluster_cut_off() {
     counter!(CLUSTER_CUT_OFF).increment(1);
 }
+
+// ----- cluster identity, node id claims, rebalancing -----
+
+pub const CLUSTER_REBALANCED: &str = "messenger_cluster_rebalanced_total";
+pub const CLUSTER_FOREIGN_ENVELOPES: &str = "messenger_cluster_foreign_envelopes_total";
+pub const CLUSTER_CLAIM_LOST: &str = "messenger_cluster_node_id_lost_total";
+
+/// Connections this node handed back (a jittered `GoAway`) because it held more than its share.
+pub fn cluster_rebalanced(n: u64) {
+    counter!(CLUSTER_REBALANCED).increment(n);
+}
+
+/// Envelopes of another cluster that reached this node and were dropped.
+pub fn cluster_foreign_envelope() {
+    counter!(CLUSTER_FOREIGN_ENVELOPES).increment(1);
+}
+
+/// This node's id was taken over by another process (it stops serving).
+pub fn cluster_claim_lost() {
+    counter!(CLUSTER_CLAIM_LOST).increment(1);
+}
