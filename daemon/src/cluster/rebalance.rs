@@ -12,6 +12,10 @@ use std::time::Duration;
 /// `GoAway` asks for (3 s), plus a heartbeat for the receiving node to publish its count.
 pub const SETTLE: Duration = Duration::from_secs(5);
 
+/// A node never hands back for fewer surplus connections than this: with a handful of
+/// clients, moving one is churn, not balance.
+pub const MIN_EXCESS: u64 = 2;
+
 /// What the GoAway of a handed-back connection says (docs/PROTOCOL.md §13).
 pub const REASON: &str = "rebalancing: this node has more than its share of connections; reconnect";
 
@@ -50,7 +54,7 @@ impl Load {
 /// ready. A node hands back when it is above the mean and either it exceeds the mean by more
 /// than `tolerance_percent`, or the emptiest node is below the mean by more than that; it
 /// hands back a quarter of what it holds above the (rounded up) mean, at least one and at
-/// most `max_batch`. A difference of one connection is never worth a move.
+/// most `max_batch`. Less than `MIN_EXCESS` above that mean is never worth a move.
 pub fn hand_back(
     mine: u64,
     loads: &[Option<Load>],
@@ -73,7 +77,7 @@ pub fn hand_back(
     let Some(emptiest) = loads.iter().map(|l| l.connections).min() else {
         return 0;
     };
-    if mine <= target || mine - emptiest < 2 {
+    if mine < target + MIN_EXCESS || mine - emptiest < 2 {
         return 0;
     }
     // In hundredths, to stay in integers: mean × (100 ± tolerance) against count × 100 × n.
@@ -134,6 +138,12 @@ mod tests {
         assert_eq!(hand_back(21, &ready(&[21, 20, 19]), 20, 100), 0);
         assert_eq!(hand_back(22, &ready(&[22, 22, 16]), 20, 100), 0);
         assert_eq!(hand_back(1, &ready(&[1, 1, 0]), 20, 100), 0);
+        assert_eq!(
+            hand_back(2, &ready(&[2, 1, 0]), 20, 100),
+            0,
+            "churn, not balance"
+        );
+        assert_eq!(hand_back(4, &ready(&[4, 0, 2]), 20, 100), 1);
         assert_eq!(hand_back(50, &ready(&[50]), 20, 100), 0, "alone");
         assert_eq!(hand_back(30, &ready(&[30, 0]), 0, 100), 0, "turned off");
         let mut unknown = ready(&[30, 30]);
