@@ -363,9 +363,9 @@ async fn two_clusters_on_one_redis_deliver_only_their_own_messages() {
         }
         clients.push(users);
     }
-    for i in 0..USERS {
+    for (a, b) in clients[0].iter().zip(&clients[1]) {
         // The same ids on both sides: without a namespace these would collide in Redis.
-        assert_eq!(clients[0][i].1.user_id, clients[1][i].1.user_id);
+        assert_eq!(a.1.user_id, b.1.user_id);
     }
     for nodes in &clusters {
         for n in 0..3 {
@@ -384,10 +384,9 @@ async fn two_clusters_on_one_redis_deliver_only_their_own_messages() {
         }
     }
 
-    for c in 0..2 {
-        for i in 0..USERS {
+    for (c, users) in clients.iter_mut().enumerate() {
+        for (i, (client, user)) in users.iter_mut().enumerate() {
             let from = (i + USERS - 1) % USERS;
-            let (client, user) = &mut clients[c][i];
             let got = deliveries(client, 2 * PER_USER).await;
             let bodies: Vec<String> = got.iter().map(text).collect();
             assert!(
