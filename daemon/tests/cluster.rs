@@ -456,12 +456,12 @@ async fn two_clusters_on_one_redis_deliver_only_their_own_messages() {
         .await
         .expect("publish");
     assert_eq!(receivers, 1, "only node0 of cluster A listens on {channel}");
+    common::assert_quiet(&mut clients[0][0].0).await;
     until_contains(
         clusters[0].nodes[0].admin_addr,
         "messenger_cluster_foreign_envelopes_total",
     )
     .await;
-    common::assert_quiet(&mut clients[0][0].0).await;
 
     for nodes in clusters {
         nodes.stop().await;
