@@ -40,6 +40,9 @@ pub const CLUSTER_PUBLISH_FAILURES: &str = "messenger_cluster_publish_failures_t
 pub const CLUSTER_FENCED: &str = "messenger_cluster_fenced_connections_total";
 pub const CLUSTER_CATCH_UPS: &str = "messenger_cluster_catch_up_all_total";
 pub const CLUSTER_CUT_OFF: &str = "messenger_cluster_cut_off_total";
+pub const CLUSTER_REBALANCED: &str = "messenger_cluster_rebalanced_total";
+pub const CLUSTER_FOREIGN_ENVELOPES: &str = "messenger_cluster_foreign_envelopes_total";
+pub const CLUSTER_CLAIM_LOST: &str = "messenger_cluster_node_id_lost_total";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -233,6 +236,18 @@ pub const ALL: &[Metric] = &[
         CLUSTER_CUT_OFF,
         "Times this node found itself cut off from the cluster and closed its connections.",
     ),
+    Metric::counter(
+        CLUSTER_REBALANCED,
+        "Connections this node handed back (jittered GoAway) because it held more than its share.",
+    ),
+    Metric::counter(
+        CLUSTER_FOREIGN_ENVELOPES,
+        "Envelopes of another cluster (same Redis, other database) received and dropped.",
+    ),
+    Metric::counter(
+        CLUSTER_CLAIM_LOST,
+        "Times this node's id was taken over by another process (it stops serving).",
+    ),
 ];
 
 /// `# HELP` for every metric, and a zero for every series known in advance.
@@ -403,6 +418,21 @@ pub fn cluster_catch_up_all(why: &'static str) {
 
 pub fn cluster_cut_off() {
     counter!(CLUSTER_CUT_OFF).increment(1);
+}
+
+/// Connections this node handed back (a jittered `GoAway`) because it held more than its share.
+pub fn cluster_rebalanced(n: u64) {
+    counter!(CLUSTER_REBALANCED).increment(n);
+}
+
+/// Envelopes of another cluster that reached this node and were dropped.
+pub fn cluster_foreign_envelope() {
+    counter!(CLUSTER_FOREIGN_ENVELOPES).increment(1);
+}
+
+/// This node's id was taken over by another process (it stops serving).
+pub fn cluster_claim_lost() {
+    counter!(CLUSTER_CLAIM_LOST).increment(1);
 }
 
 #[cfg(test)]

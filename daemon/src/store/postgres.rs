@@ -1424,6 +1424,13 @@ impl Store for PostgresStore {
         .collect()
     }
 
+    async fn cluster_id(&self) -> StoreResult<String> {
+        let mut conn = self.conn().await?;
+        let mut db = db!(conn);
+        let row = db.query_one("SELECT id FROM cluster_identity", &[]).await?;
+        super::valid_cluster_id(get(&row, 0)?)
+    }
+
     async fn health(&self) -> StoreResult<()> {
         let check = async {
             let mut conn = self.conn().await?;
