@@ -282,6 +282,8 @@ impl Cluster {
             duration: Duration::from_secs(600),
             messages_per_sender: Some(messages),
             accepted: Some(accepted.clone()),
+            // A fresh database: any other run's message reaching these users crossed over.
+            foreign_since_unix_ms: Some(0),
             warmup: Duration::from_secs(1),
             // Also only a limit: the drain ends as soon as every owed pair arrived.
             drain: Duration::from_secs(60),

@@ -35,9 +35,10 @@ pub struct Run {
     /// Latency of messages meant to be sent before this is not recorded.
     pub measure_from_ns: u64,
     pub body_size: usize,
-    /// Wall-clock milliseconds since the Unix epoch when the run began: a stamp of another
-    /// run that the server stored after this is no leftover but a cross-delivery.
-    pub started_unix_ms: i64,
+    /// Wall-clock milliseconds since the Unix epoch (by default, when the run began): a
+    /// stamp of another run that the server stored at or after this is no leftover of an
+    /// earlier run but a cross-delivery.
+    pub foreign_since_unix_ms: i64,
     /// When set, each sender stops after this many messages (accepted or failed).
     pub messages_per_sender: Option<u64>,
     pub sent: AtomicU64,
@@ -58,33 +59,51 @@ pub struct Run {
 }
 
 impl Run {
-    /// `accepted`: a counter the caller watches (e.g. to inject a fault after K accepted
-    /// messages); a fresh one when `None`.
-    pub fn new(
-        body_size: usize,
-        warmup: Duration,
-        messages_per_sender: Option<u64>,
-        accepted: Option<Arc<AtomicU64>>,
-    ) -> Arc<Self> {
-        let started_unix_ms = std::time::SystemTime::now()
+    /// A run bounded by time, with its own counters; the methods below adjust it before it
+    /// is shared.
+    pub fn new(body_size: usize, warmup: Duration) -> Self {
+        let now_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        Arc::new(Self {
+        Self {
             id: rand::random(),
             epoch: Instant::now(),
             measure_from_ns: warmup.as_nanos() as u64,
             body_size,
-            started_unix_ms,
-            messages_per_sender,
+            foreign_since_unix_ms: now_unix_ms,
+            messages_per_sender: None,
             sent: AtomicU64::new(0),
-            accepted: accepted.unwrap_or_default(),
+            accepted: Arc::default(),
             delivered: AtomicU64::new(0),
             ledger: Ledger::new(),
             errors: std::sync::Mutex::new(BTreeMap::new()),
             timeline: std::sync::Mutex::new(Vec::new()),
             stop_sending: CancellationToken::new(),
             stop_receiving: CancellationToken::new(),
-        })
+        }
+    }
+
+    /// Each sender stops after `n` messages (when `Some`).
+    pub fn messages_per_sender(mut self, n: Option<u64>) -> Self {
+        self.messages_per_sender = n;
+        self
+    }
+
+    /// Counts accepted messages in a caller's counter too (e.g. to inject a fault after K).
+    pub fn accepted_into(mut self, counter: Option<Arc<AtomicU64>>) -> Self {
+        if let Some(c) = counter {
+            self.accepted = c;
+        }
+        self
+    }
+
+    /// Treats other runs' stamps stored at or after `unix_ms` as cross-deliveries (default:
+    /// from when the run began).
+    pub fn foreign_since(mut self, unix_ms: Option<i64>) -> Self {
+        if let Some(ms) = unix_ms {
+            self.foreign_since_unix_ms = ms;
+        }
+        self
     }
 
     pub fn now_ns(&self) -> u64 {
@@ -114,12 +133,12 @@ impl Run {
         }
     }
 
-    /// Whether a stamp of another run, stored by the server at `server_time_ms`, was stored
-    /// while this run went (a cross-delivery) rather than left over from an earlier run.
+    /// Whether a stamp of another run, stored by the server at `server_time_ms`, crossed
+    /// over (stored while this run went) rather than being left over from an earlier run.
     /// Assumes the harness's and the server's clocks agree to well within the time the run
     /// spent connecting before it began.
     pub fn stored_during(&self, server_time_ms: i64) -> bool {
-        server_time_ms >= self.started_unix_ms
+        server_time_ms >= self.foreign_since_unix_ms
     }
 }
 
@@ -344,7 +363,7 @@ mod tests {
     /// counts match. The drain must wait for the owed pair itself, and then it is no loss.
     #[tokio::test]
     async fn a_late_owed_delivery_inside_the_drain_window_is_waited_for_and_not_lost() {
-        let run = Run::new(64, Duration::ZERO, None, None);
+        let run = Arc::new(Run::new(64, Duration::ZERO));
         let mut sender = SenderLog {
             sender: 0,
             ..SenderLog::default()
@@ -386,7 +405,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_drain_gives_up_at_its_limit_and_the_pair_is_then_lost() {
-        let run = Run::new(64, Duration::ZERO, None, None);
+        let run = Arc::new(Run::new(64, Duration::ZERO));
         let mut sender = SenderLog {
             sender: 0,
             ..SenderLog::default()

@@ -232,6 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         duration: secs(duration),
         messages_per_sender: cli.messages,
         accepted: None,
+        foreign_since_unix_ms: None,
         warmup: secs(cli.warmup.min(duration / 2.0)),
         drain: secs(cli.drain),
         body_size: cli.body_size.max(payload::HEADER_BYTES),

@@ -36,6 +36,11 @@ pub struct Params {
     /// on progress — inject a fault after K accepted messages — instead of after N seconds.
     /// Give each run a fresh counter (or read it relative to its value at the start).
     pub accepted: Option<Arc<AtomicU64>>,
+    /// A stamp of another run that the server stored at or after this wall-clock time (ms
+    /// since the Unix epoch) is a cross-delivery, counted as `foreign`; earlier ones are
+    /// leftovers of earlier runs (`stale`). Default: when the run begins. A caller whose
+    /// accounts are fresh (a new database) passes `Some(0)`: any other run's stamp crossed over.
+    pub foreign_since_unix_ms: Option<i64>,
     pub warmup: Duration,
     pub drain: Duration,
     pub body_size: usize,
@@ -152,11 +157,11 @@ pub async fn run_messaging(
     plan: Vec<Sender>,
     groups: Vec<Vec<u32>>,
 ) -> anyhow::Result<Outcome> {
-    let run = Run::new(
-        params.body_size,
-        params.warmup,
-        params.messages_per_sender,
-        params.accepted.clone(),
+    let run = Arc::new(
+        Run::new(params.body_size, params.warmup)
+            .messages_per_sender(params.messages_per_sender)
+            .accepted_into(params.accepted.clone())
+            .foreign_since(params.foreign_since_unix_ms),
     );
     let accepted_base = run.accepted.load(Ordering::Relaxed);
     let senders = plan.len().max(1) as f64;

@@ -35,11 +35,10 @@ pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<
     }
     // 2. Feeders queue the backlog.
     let (feeders, _) = super::connect_members(params, clients, FEEDERS).await?;
-    let run = Run::new(
-        params.body_size,
-        Duration::ZERO,
-        None,
-        params.accepted.clone(),
+    let run = Arc::new(
+        Run::new(params.body_size, Duration::ZERO)
+            .accepted_into(params.accepted.clone())
+            .foreign_since(params.foreign_since_unix_ms),
     );
     let targets: Arc<Vec<(u32, u64)>> = Arc::new(sessions.iter().map(|s| (s.0, s.1)).collect());
     let mut feeding = Vec::new();
