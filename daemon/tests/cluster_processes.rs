@@ -23,7 +23,7 @@ use std::time::Duration;
 use messenger_daemon::testing::TestDatabase;
 use messenger_loadtest::fleet::FleetOptions;
 use messenger_loadtest::scenarios::{self, Outcome, Params};
-use messenger_protocol::client::Trust;
+use messenger_protocol::client::{ConnectOptions, Connection, Trust};
 use redis_support::TestRedis;
 use tokio::task::JoinHandle;
 
@@ -378,6 +378,18 @@ fn assert_clean(outcome: &Outcome, senders_messages: u64) {
 async fn a_node_killed_mid_traffic_loses_and_duplicates_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start().await;
+    // Each node says who it is in HelloOk, so a named pair can tell where each side was.
+    let opts = ConnectOptions::new(
+        cluster.address.to_string(),
+        Trust::CaFile(cluster.ca.clone()),
+    );
+    let (conn, _events) = Connection::connect(&opts).await.expect("connects");
+    assert!(
+        ["node1", "node2", "node3"].contains(&conn.server_node()),
+        "HelloOk.node {:?}",
+        conn.server_node()
+    );
+    conn.close().await;
     // 4,800 messages; the node dies after 1,500 were accepted.
     let (traffic, accepted) = traffic(&cluster, "kill", 40);
     assert!(
