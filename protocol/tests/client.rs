@@ -148,6 +148,7 @@ async fn hello(conn: &mut ServerConn) {
         protocol_version: PROTOCOL_VERSION,
         server: "fake-messengerd/0".into(),
         limits: Some(limits()),
+        node: "fake-node-2".into(),
     };
     send(conn, frame.request_id, server_frame::Kind::HelloOk(ok)).await;
 }
@@ -232,6 +233,7 @@ async fn hello_ping_and_a_repeated_seq_is_returned_once() {
         .expect("connect");
     assert_eq!(client.conn().limits(), &limits());
     assert_eq!(client.conn().server(), "fake-messengerd/0");
+    assert_eq!(client.conn().server_node(), "fake-node-2");
     client.conn().ping().await.expect("ping");
 
     assert_eq!(seq_of(client.next_event().await), 1);
