@@ -282,6 +282,15 @@ pub struct ClusterConfig {
     pub heartbeat_secs: u64,
     /// Seconds after its last heartbeat a node counts as gone.
     pub node_ttl_secs: u64,
+    /// Longest wait at start for an earlier claim on this node id to expire (a node restarted
+    /// right after a crash); default twice `node_ttl_secs`. A claim that is being refreshed
+    /// fails the start at once.
+    pub node_claim_wait_secs: Option<u64>,
+    /// A node hands connections back when it holds more than the mean by this much, or the
+    /// emptiest node holds less than the mean by this much (percent); 0 turns rebalancing off.
+    pub rebalance_tolerance_percent: u64,
+    /// Most connections one node hands back per rebalancing round (rounds are 5 s apart).
+    pub rebalance_batch: usize,
 }
 
 impl Default for ClusterConfig {
@@ -291,6 +300,9 @@ impl Default for ClusterConfig {
             node_id: None,
             heartbeat_secs: 1,
             node_ttl_secs: 5,
+            node_claim_wait_secs: None,
+            rebalance_tolerance_percent: 20,
+            rebalance_batch: 20,
         }
     }
 }
@@ -301,6 +313,12 @@ impl ClusterConfig {
     }
     pub fn node_ttl(&self) -> Duration {
         Duration::from_secs(self.node_ttl_secs)
+    }
+    pub fn node_claim_wait(&self) -> Duration {
+        Duration::from_secs(
+            self.node_claim_wait_secs
+                .unwrap_or(self.node_ttl_secs.saturating_mul(2)),
+        )
     }
 }
 

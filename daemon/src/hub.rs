@@ -306,6 +306,39 @@ impl Hub {
         conns.len()
     }
 
+    /// Number of live connections here, without copying them.
+    pub fn connection_count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .map(Vec::len)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// Closes up to `count` connections here, picked at random among those fully registered
+    /// in the cluster (with an epoch) and not already closing, with `reason`. Returns how
+    /// many it closed. Rebalancing: the clients reconnect through the balancer.
+    pub fn hand_back(&self, count: usize, reason: &WireError) -> usize {
+        use rand::seq::IndexedRandom;
+        let candidates: Vec<Arc<ConnHandle>> = self
+            .connections()
+            .into_iter()
+            .filter(|c| c.epoch() != 0 && !c.kicked().is_cancelled())
+            .collect();
+        let chosen: Vec<&Arc<ConnHandle>> = candidates
+            .choose_multiple(&mut rand::rng(), count)
+            .collect();
+        for conn in &chosen {
+            conn.kick(reason.clone());
+        }
+        chosen.len()
+    }
+
     /// Number of users with at least one live connection.
     pub fn online_users(&self) -> usize {
         self.shards
@@ -382,6 +415,33 @@ mod tests {
         hub.unregister(&h1);
         hub.unregister(&h2);
         assert_eq!(hub.online_users(), 0);
+    }
+
+    #[test]
+    fn hand_back_closes_only_registered_connections_and_at_most_the_count() {
+        let hub = Hub::new(2);
+        let handles: Vec<_> = (1..=5)
+            .map(|u| hub.register(UserId(u), DeviceId(u)))
+            .collect();
+        for (h, _) in &handles[..4] {
+            h.set_epoch(7);
+        }
+        assert_eq!(hub.connection_count(), 5);
+        let reason = WireError::new(messenger_protocol::ErrorCode::Unavailable, "rebalancing");
+        assert_eq!(hub.hand_back(3, &reason), 3);
+        assert!(!handles[4].0.kicked().is_cancelled(), "no epoch yet");
+        // Only one registered connection is left that is not already closing.
+        assert_eq!(hub.hand_back(3, &reason), 1);
+        assert_eq!(hub.hand_back(3, &reason), 0);
+        let kicked = handles
+            .iter()
+            .filter(|(h, _)| h.kicked().is_cancelled())
+            .count();
+        assert_eq!(kicked, 4);
+        assert_eq!(
+            handles[0].0.kick_reason().map(|r| r.message),
+            Some("rebalancing".into())
+        );
     }
 
     #[test]

@@ -123,8 +123,13 @@ async fn run(config: messenger_daemon::Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut failed = None;
     loop {
         tokio::select! {
+            reason = server.failed() => {
+                failed = Some(reason);
+                break;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => match server.reload_tls() {
@@ -134,5 +139,8 @@ async fn run(config: messenger_daemon::Config) -> anyhow::Result<()> {
         }
     }
     server.shutdown().await;
-    Ok(())
+    match failed {
+        Some(reason) => Err(anyhow::anyhow!(reason)),
+        None => Ok(()),
+    }
 }

@@ -1,11 +1,18 @@
 //! Every metric the daemon exports, named in one place. `/metrics` renders them in the
 //! Prometheus text format through the `metrics` facade; the recorder is process-global, so
 //! several in-process servers (tests) share it.
+//!
+//! [`ALL`] describes each metric once (kind, help, unit, known label values); `install` turns
+//! it into `# HELP` lines and registers every series at zero, so a scrape right after start
+//! shows every counter and a rate() over a restart has a starting point. Adding a metric is
+//! its constant plus one row in [`ALL`] (a unit test fails if the row is missing).
 
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const CONNECTIONS: &str = "messenger_connections";
@@ -33,6 +40,245 @@ pub const CLUSTER_PUBLISH_FAILURES: &str = "messenger_cluster_publish_failures_t
 pub const CLUSTER_FENCED: &str = "messenger_cluster_fenced_connections_total";
 pub const CLUSTER_CATCH_UPS: &str = "messenger_cluster_catch_up_all_total";
 pub const CLUSTER_CUT_OFF: &str = "messenger_cluster_cut_off_total";
+pub const CLUSTER_REBALANCED: &str = "messenger_cluster_rebalanced_total";
+pub const CLUSTER_FOREIGN_ENVELOPES: &str = "messenger_cluster_foreign_envelopes_total";
+pub const CLUSTER_CLAIM_LOST: &str = "messenger_cluster_node_id_lost_total";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One exported metric: what `# HELP` says, and which series exist from the start.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+    pub unit: Option<Unit>,
+    /// The label and its known values; one series per value is registered at zero.
+    pub label: Option<(&'static str, &'static [&'static str])>,
+    /// Set only by the cluster (a single node exporting `redis_up 0` would read as an outage).
+    pub cluster_only: bool,
+}
+
+impl Metric {
+    const fn new(name: &'static str, kind: Kind, help: &'static str) -> Self {
+        Self {
+            name,
+            kind,
+            help,
+            unit: None,
+            label: None,
+            cluster_only: false,
+        }
+    }
+    const fn counter(name: &'static str, help: &'static str) -> Self {
+        Self::new(name, Kind::Counter, help)
+    }
+    const fn gauge(name: &'static str, help: &'static str) -> Self {
+        Self::new(name, Kind::Gauge, help)
+    }
+    const fn seconds(name: &'static str, help: &'static str) -> Self {
+        let mut m = Self::new(name, Kind::Histogram, help);
+        m.unit = Some(Unit::Seconds);
+        m
+    }
+    const fn label(mut self, key: &'static str, values: &'static [&'static str]) -> Self {
+        self.label = Some((key, values));
+        self
+    }
+    const fn cluster_only(mut self) -> Self {
+        self.cluster_only = true;
+        self
+    }
+}
+
+/// Reasons a connection is refused before TLS (`connection_refused`).
+const REFUSED_REASONS: &[&str] = &["max_connections", "max_connections_per_ip"];
+/// `ProxyHeaderError::reason` values.
+const PROXY_REASONS: &[&str] = &[
+    "timeout",
+    "closed",
+    "v1",
+    "tls_without_header",
+    "signature",
+    "too_long",
+    "malformed",
+    "unsupported",
+];
+/// Wire error code names (`messenger_protocol::error::code_name`) plus the WebSocket origin check.
+const ERROR_CODES: &[&str] = &[
+    "unspecified",
+    "invalid_argument",
+    "unauthenticated",
+    "permission_denied",
+    "not_found",
+    "already_exists",
+    "rate_limited",
+    "too_large",
+    "unsupported_version",
+    "unavailable",
+    "internal",
+    "origin_refused",
+];
+/// Store calls timed with `timed_store`.
+const STORE_OPS: &[&str] = &["append_message", "read_inbox"];
+
+/// Every metric, one row each.
+pub const ALL: &[Metric] = &[
+    Metric::gauge(
+        CONNECTIONS,
+        "Client connections open now (TCP and WebSocket).",
+    ),
+    Metric::counter(
+        CONNECTIONS_TOTAL,
+        "Client connections accepted since start.",
+    ),
+    Metric::counter(
+        CONNECTIONS_REFUSED,
+        "Connections refused at accept, by reason.",
+    )
+    .label("reason", REFUSED_REASONS),
+    Metric::counter(
+        HANDSHAKE_FAILURES,
+        "TLS handshakes that failed or timed out.",
+    ),
+    Metric::counter(
+        PROXY_HEADER_REJECTED,
+        "Connections closed for a missing or bad PROXY v2 header, by reason.",
+    )
+    .label("reason", PROXY_REASONS),
+    Metric::counter(FRAMES_IN, "Frames read from clients."),
+    Metric::counter(FRAMES_OUT, "Frames written to clients."),
+    Metric::counter(
+        MESSAGES_ACCEPTED,
+        "Messages stored and confirmed to their sender (Sent).",
+    ),
+    Metric::counter(
+        MESSAGES_DELIVERED,
+        "Deliveries written to recipients' connections.",
+    ),
+    Metric::counter(
+        QUEUE_FULL,
+        "Times a connection's outbound queue was full (the pump falls back to the store).",
+    ),
+    Metric::counter(
+        STALL_DISCONNECTS,
+        "Connections closed because the client stopped reading.",
+    ),
+    Metric::counter(
+        CATCH_UP_READS,
+        "Inbox pages read from the store to catch a connection up.",
+    ),
+    Metric::counter(ERRORS, "Error replies sent to clients, by wire error code.")
+        .label("code", ERROR_CODES),
+    Metric::counter(
+        AUTH_FAILURES,
+        "Failed sign-ins (wrong password, unknown user or bad token).",
+    ),
+    Metric::seconds(
+        STORE_SECONDS,
+        "Time spent in store calls on the message path, by operation.",
+    )
+    .label("op", STORE_OPS),
+    Metric::seconds(
+        PASSWORD_HASH_SECONDS,
+        "Time spent hashing or verifying one password.",
+    ),
+    Metric::gauge(
+        ONLINE_USERS,
+        "Users with at least one signed-in connection on this node.",
+    ),
+    Metric::gauge(
+        CLUSTER_REDIS_UP,
+        "1 when Redis answered this node's last heartbeat, else 0.",
+    )
+    .cluster_only(),
+    Metric::gauge(
+        CLUSTER_LIVE_NODES,
+        "Nodes with a live heartbeat, as this node last saw them.",
+    )
+    .cluster_only(),
+    Metric::counter(
+        CLUSTER_PUBLISHED,
+        "Deliveries published to other nodes through Redis.",
+    ),
+    Metric::counter(
+        CLUSTER_RECEIVED,
+        "Deliveries received from other nodes through Redis.",
+    ),
+    Metric::counter(
+        CLUSTER_PUBLISH_FAILURES,
+        "Redis publishes that failed, by kind (deliveries are recovered by a catch-up).",
+    )
+    .label("what", &["deliveries", "control"]),
+    Metric::counter(
+        CLUSTER_FENCED,
+        "Connections closed because the user's session moved or was revoked on another node.",
+    ),
+    Metric::counter(
+        CLUSTER_CATCH_UPS,
+        "Catch-ups of every connection from the store, by cause.",
+    )
+    .label(
+        "why",
+        &[
+            "resubscribed",
+            "redis_recovered",
+            "redis_down_poll",
+            "peer_request",
+        ],
+    ),
+    Metric::counter(
+        CLUSTER_CUT_OFF,
+        "Times this node found itself cut off from the cluster and closed its connections.",
+    ),
+    Metric::counter(
+        CLUSTER_REBALANCED,
+        "Connections this node handed back (jittered GoAway) because it held more than its share.",
+    ),
+    Metric::counter(
+        CLUSTER_FOREIGN_ENVELOPES,
+        "Envelopes of another cluster (same Redis, other database) received and dropped.",
+    ),
+    Metric::counter(
+        CLUSTER_CLAIM_LOST,
+        "Times this node's id was taken over by another process (it stops serving).",
+    ),
+];
+
+/// `# HELP` for every metric, and a zero for every series known in advance.
+fn describe_and_register() {
+    for m in ALL {
+        match (m.kind, m.unit) {
+            (Kind::Counter, _) => describe_counter!(m.name, m.help),
+            (Kind::Gauge, _) => describe_gauge!(m.name, m.help),
+            (Kind::Histogram, Some(unit)) => describe_histogram!(m.name, unit, m.help),
+            (Kind::Histogram, None) => describe_histogram!(m.name, m.help),
+        }
+        if m.cluster_only {
+            continue;
+        }
+        match m.label {
+            None => register(m, None),
+            Some((key, values)) => values.iter().for_each(|v| register(m, Some((key, v)))),
+        }
+    }
+}
+
+fn register(m: &Metric, label: Option<(&'static str, &'static str)>) {
+    let labels: Vec<(&'static str, &'static str)> = label.into_iter().collect();
+    match m.kind {
+        // Adding zero registers the series without disturbing a value already counted.
+        Kind::Counter => counter!(m.name, &labels).increment(0),
+        Kind::Gauge => gauge!(m.name, &labels).increment(0.0),
+        // Registering is enough: an empty histogram renders with zero count.
+        Kind::Histogram => drop(histogram!(m.name, &labels)),
+    }
+}
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -45,11 +291,13 @@ pub fn install() -> Option<PrometheusHandle> {
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 1.0, 2.5,
             ];
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets)
                 .ok()?
                 .install_recorder()
-                .ok()
+                .ok()?;
+            describe_and_register();
+            Some(handle)
         })
         .clone()
 }
@@ -170,4 +418,54 @@ pub fn cluster_catch_up_all(why: &'static str) {
 
 pub fn cluster_cut_off() {
     counter!(CLUSTER_CUT_OFF).increment(1);
+}
+
+/// Connections this node handed back (a jittered `GoAway`) because it held more than its share.
+pub fn cluster_rebalanced(n: u64) {
+    counter!(CLUSTER_REBALANCED).increment(n);
+}
+
+/// Envelopes of another cluster that reached this node and were dropped.
+pub fn cluster_foreign_envelope() {
+    counter!(CLUSTER_FOREIGN_ENVELOPES).increment(1);
+}
+
+/// This node's id was taken over by another process (it stops serving).
+pub fn cluster_claim_lost() {
+    counter!(CLUSTER_CLAIM_LOST).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A constant without a row in `ALL` would be exported without `# HELP` and only after
+    /// its first event: read this file's own constants and check each has its row.
+    #[test]
+    fn every_metric_constant_has_a_row() {
+        let source = include_str!("metrics.rs");
+        let names: Vec<&str> = source
+            .lines()
+            .filter_map(|l| l.strip_prefix("pub const "))
+            .filter_map(|l| l.split_once(": &str = \""))
+            .filter_map(|(_, rest)| rest.split_once('"'))
+            .map(|(name, _)| name)
+            .collect();
+        assert!(names.len() >= 20, "constants not found: {names:?}");
+        for name in names {
+            assert!(
+                ALL.iter().any(|m| m.name == name),
+                "{name} has no row in metrics::ALL"
+            );
+        }
+        for m in ALL {
+            assert!(!m.help.is_empty(), "{} has no help text", m.name);
+            assert_eq!(
+                m.kind == Kind::Counter,
+                m.name.ends_with("_total"),
+                "{}: counters and only counters end in _total",
+                m.name
+            );
+        }
+    }
 }

@@ -94,9 +94,15 @@ impl RunningServer {
         let admin_addr = local_addr(&admin_listener, config.admin_listen)?;
         let mut shared = Shared::new(config, store).map_err(StartError::Config)?;
         if let Some(url) = shared.config.cluster.redis_url.clone() {
-            let cluster =
-                crate::cluster::Cluster::start(&shared.config.cluster, &url, shared.hub.clone())
-                    .await?;
+            // The database names the cluster: nodes sharing it share a Redis keyspace.
+            let cluster_id = shared.store.cluster_id().await?;
+            let cluster = crate::cluster::Cluster::start(
+                &shared.config.cluster,
+                &url,
+                &cluster_id,
+                shared.hub.clone(),
+            )
+            .await?;
             shared.cluster = Some(cluster);
         }
         let shared = Arc::new(shared);
@@ -128,6 +134,15 @@ impl RunningServer {
             admin_task,
             sessions,
         })
+    }
+
+    /// Resolves, with the reason, when this server can no longer serve and its process should
+    /// exit: its cluster node id was taken over by another process. Never resolves otherwise.
+    pub async fn failed(&self) -> String {
+        match &self.shared.cluster {
+            Some(cluster) => cluster.claim_lost().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Re-reads the TLS certificate and key (SIGHUP).

@@ -258,6 +258,12 @@ impl Session {
                 idle_timeout_ms: u32::try_from(self.shared.config.timeouts.idle().as_millis())
                     .unwrap_or(u32::MAX),
             }),
+            node: self
+                .shared
+                .cluster
+                .as_ref()
+                .map(|c| c.node_id().to_string())
+                .unwrap_or_default(),
         });
         self.respond(frame.request_id, Ok(resp)).await;
         true

@@ -54,7 +54,7 @@ pub fn postgres_bin_dir() -> PathBuf {
         panic!(
             "PostgreSQL is neither reachable on 127.0.0.1:5432 nor installed. Install it \
              (apt-get install -y postgresql), start it, or set MESSENGER_TEST_POSTGRES_URL \
-             (.ci/services does all of this)"
+             (script/test does all of this)"
         )
     })
 }
@@ -246,7 +246,7 @@ async fn admin_client(url: &str) -> tokio_postgres::Client {
         .unwrap_or_else(|e| {
             panic!(
                 "PostgreSQL is not reachable at {url}: {e}. Start it with `pg_ctlcluster \
-             --skip-systemctl-redirect $(ls /etc/postgresql) main start` (or run .ci/services), \
+             --skip-systemctl-redirect $(ls /etc/postgresql) main start` (or run script/test), \
              or set MESSENGER_TEST_POSTGRES_URL"
             )
         });

@@ -6,6 +6,8 @@
 //! restarted. Clients behave as real ones do: ping to notice a dead connection, reconnect
 //! through the balancer, resume, retry unanswered sends with the same `client_msg_id`.
 //!
+//! Traffic is bounded by message count and each fault is injected after a number of accepted
+//! messages, never after a number of seconds, so the tests hold however busy the machine is.
 //! The tests run one at a time (they share two cores with three daemons each).
 
 #[path = "support/redis.rs"]
@@ -14,15 +16,20 @@ mod redis_support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use messenger_daemon::testing::TestDatabase;
 use messenger_loadtest::fleet::FleetOptions;
 use messenger_loadtest::scenarios::{self, Outcome, Params};
-use messenger_protocol::client::Trust;
+use messenger_protocol::client::{ConnectOptions, Connection, Trust};
 use redis_support::TestRedis;
+use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(30);
+/// Users in pairs, each sending to its partner: 120 senders.
+const PAIRS: u32 = 60;
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn free_addr() -> SocketAddr {
@@ -254,7 +261,8 @@ impl Cluster {
         }
     }
 
-    fn params(&self, prefix: &str, seconds: u64) -> Params {
+    /// `messages` per sender, counted in `accepted` as they are accepted.
+    fn params(&self, prefix: &str, messages: u64, accepted: &Arc<AtomicU64>) -> Params {
         Params {
             fleet: FleetOptions {
                 targets: vec![self.address.to_string()],
@@ -270,9 +278,15 @@ impl Cluster {
                 event_buffer: 1024,
             },
             rate: Some(1500.0),
-            duration: Duration::from_secs(seconds),
+            // Only a safety limit: the run ends when every sender sent its messages.
+            duration: Duration::from_secs(600),
+            messages_per_sender: Some(messages),
+            accepted: Some(accepted.clone()),
+            // A fresh database: any other run's message reaching these users crossed over.
+            foreign_since_unix_ms: Some(0),
             warmup: Duration::from_secs(1),
-            drain: Duration::from_secs(30),
+            // Also only a limit: the drain ends as soon as every owed pair arrived.
+            drain: Duration::from_secs(60),
             body_size: 100,
             daemon_pid: None,
             progress: false,
@@ -305,11 +319,34 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
     out
 }
 
-/// The checker's verdict, with everything needed to understand a failure; and proof that the
-/// fault really hit clients (some had to reconnect), so a clean check means something.
-fn assert_clean(outcome: &Outcome, at_least: u64) {
+type Traffic = JoinHandle<anyhow::Result<Outcome>>;
+
+/// Starts count-bounded direct traffic through the balancer.
+fn traffic(cluster: &Cluster, prefix: &str, messages: u64) -> (Traffic, Arc<AtomicU64>) {
+    let accepted = Arc::new(AtomicU64::new(0));
+    let params = cluster.params(prefix, messages, &accepted);
+    let task = tokio::spawn(async move { scenarios::direct::run(&params, PAIRS).await });
+    (task, accepted)
+}
+
+/// Waits until `k` messages were accepted: the moment to inject a fault, by progress rather
+/// than by time. False if the traffic ended first.
+async fn after_accepted(accepted: &AtomicU64, k: u64, traffic: &Traffic) -> bool {
+    while accepted.load(Ordering::Relaxed) < k {
+        if traffic.is_finished() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// The checker's verdict, with everything needed to understand a failure (the named pairs:
+/// sender, recipient, client_msg_id, seq, the node each side was on); and proof that the fault
+/// really hit clients (some had to reconnect), so a clean check means something.
+fn assert_clean(outcome: &Outcome, senders_messages: u64) {
     let c = &outcome.check;
-    eprintln!("check: {c:?}\nerrors: {:?}", outcome.errors);
+    eprintln!("check: {c}errors: {:?}", outcome.errors);
     let reconnects: u64 = outcome
         .errors
         .iter()
@@ -323,17 +360,17 @@ fn assert_clean(outcome: &Outcome, at_least: u64) {
     );
     assert!(
         c.clean(),
-        "delivery check failed: {c:?}; errors: {:?}",
+        "delivery check failed: {c}errors: {:?}",
         outcome.errors
     );
     // Direct messages: one delivery owed per accepted message, and all of them arrived.
-    assert_eq!(c.expected_deliveries, c.accepted_messages, "{c:?}");
-    assert_eq!(c.delivered, c.expected_deliveries, "{c:?}");
-    assert!(
-        c.accepted_messages >= at_least,
-        "only {} messages accepted; errors: {:?}",
-        c.accepted_messages,
-        outcome.errors
+    assert_eq!(c.expected_deliveries, c.accepted_messages, "{c}");
+    assert_eq!(c.delivered, c.expected_deliveries, "{c}");
+    // Every message of every sender was either accepted or counted as a failed send.
+    assert_eq!(
+        c.accepted_messages + c.failed_sends,
+        u64::from(PAIRS) * 2 * senders_messages,
+        "{c}"
     );
 }
 
@@ -341,34 +378,59 @@ fn assert_clean(outcome: &Outcome, at_least: u64) {
 async fn a_node_killed_mid_traffic_loses_and_duplicates_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start().await;
-    let params = cluster.params("kill", 12);
-    let traffic = tokio::spawn(async move { scenarios::direct::run(&params, 60).await });
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Each node says who it is in HelloOk, so a named pair can tell where each side was.
+    let opts = ConnectOptions::new(
+        cluster.address.to_string(),
+        Trust::CaFile(cluster.ca.clone()),
+    );
+    let (conn, _events) = Connection::connect(&opts).await.expect("connects");
+    assert!(
+        ["node1", "node2", "node3"].contains(&conn.server_node()),
+        "HelloOk.node {:?}",
+        conn.server_node()
+    );
+    conn.close().await;
+    // 4,800 messages; the node dies after 1,500 were accepted.
+    let (traffic, accepted) = traffic(&cluster, "kill", 40);
+    assert!(
+        after_accepted(&accepted, 1_500, &traffic).await,
+        "traffic ended early"
+    );
     cluster.nodes[1].kill();
     let outcome = traffic.await.expect("traffic task").expect("traffic runs");
-    assert_clean(&outcome, 5_000);
+    assert_clean(&outcome, 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_node_is_routed_around_and_rejoins_without_delivering_anything_stale() {
     let _one = ONE_AT_A_TIME.lock().await;
     let cluster = Cluster::start().await;
-    let params = cluster.params("freeze", 16);
-    let traffic = tokio::spawn(async move { scenarios::direct::run(&params, 60).await });
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // 6,000 messages; the node freezes after 1,500 were accepted.
+    let (traffic, accepted) = traffic(&cluster, "freeze", 50);
+    assert!(
+        after_accepted(&accepted, 1_500, &traffic).await,
+        "traffic ended early"
+    );
     cluster.nodes[1].signal("STOP");
     // Longer than the node TTL (5 s): the others drop it, its clients move.
     tokio::time::sleep(Duration::from_secs(7)).await;
     cluster.nodes[1].signal("CONT");
     let outcome = traffic.await.expect("traffic task").expect("traffic runs");
-    assert_clean(&outcome, 5_000);
-    // On waking it noticed it had been cut off and closed what it still held.
-    assert!(
-        cluster.nodes[1]
-            .metric("messenger_cluster_cut_off_total")
-            .await
-            >= 1.0
-    );
+    assert_clean(&outcome, 50);
+    // On waking it notices it had been cut off and closes what it still holds (the traffic
+    // may have ended before it got the CPU to notice: wait for it, bounded).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while cluster.nodes[1]
+        .metric("messenger_cluster_cut_off_total")
+        .await
+        < 1.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the frozen node never noticed it had been cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Nothing it read from its sockets after waking (sign-ins whose clients had already moved
     // on) displaced a live connection elsewhere.
     let fenced: Vec<_> = outcome
@@ -387,10 +449,14 @@ async fn a_frozen_node_is_routed_around_and_rejoins_without_delivering_anything_
 async fn a_rolling_restart_under_traffic_loses_and_duplicates_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start().await;
-    let params = cluster.params("rolling", 25);
-    let traffic = tokio::spawn(async move { scenarios::direct::run(&params, 60).await });
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // 18,000 messages; node i restarts once (i + 1) * 1,500 were accepted (at once if the
+    // traffic is already further than that when the previous node is back). The first restart
+    // lands mid-traffic whatever the machine's speed; the later ones do as long as sending
+    // outlasts the restarts, and the check holds either way.
+    let (traffic, accepted) = traffic(&cluster, "rolling", 150);
     for i in 0..cluster.nodes.len() {
+        let mid_traffic = after_accepted(&accepted, (i as u64 + 1) * 1_500, &traffic).await;
+        assert!(mid_traffic || i > 0, "traffic ended early");
         cluster.nodes[i].terminate().await;
         cluster.nodes[i].spawn();
         cluster.nodes[i].ready().await;
@@ -398,5 +464,5 @@ async fn a_rolling_restart_under_traffic_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let outcome = traffic.await.expect("traffic task").expect("traffic runs");
-    assert_clean(&outcome, 10_000);
+    assert_clean(&outcome, 150);
 }

@@ -65,6 +65,101 @@ fn haproxy_accepts_the_balancer_config() {
     }
 }
 
+/// Seconds in an HAProxy time value ("1s", "500ms", "2m").
+fn haproxy_secs(value: &str) -> f64 {
+    let value = value.trim_matches('"');
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| value.split_at(i))
+        .unwrap_or((value, "ms"));
+    let n: f64 = number
+        .parse()
+        .unwrap_or_else(|_| panic!("time value {value:?}"));
+    match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        other => panic!("unit {other:?} in {value:?}"),
+    }
+}
+
+/// The word after `key` on the first line of haproxy.cfg that has it (env defaults resolved).
+fn haproxy_setting(text: &str, line_start: &str, key: &str) -> String {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(line_start))
+        .unwrap_or_else(|| panic!("haproxy.cfg has no line starting {line_start:?}"));
+    let mut words = line.split_whitespace();
+    words
+        .position(|w| w == key)
+        .and_then(|_| words.next())
+        .map(|w| {
+            // "${CHECK_INTER-1s}" -> 1s: what HAProxy uses when the variable is unset.
+            w.trim_matches('"')
+                .strip_prefix("${")
+                .and_then(|v| v.strip_suffix('}'))
+                .and_then(|v| v.split_once('-'))
+                .map_or(w.trim_matches('"'), |(_, default)| default)
+                .to_string()
+        })
+        .unwrap_or_else(|| panic!("{line:?} lacks {key}"))
+}
+
+#[test]
+fn haproxy_takes_a_frozen_node_out_before_its_clients_give_up() {
+    let text = read("haproxy.cfg");
+    let inter = haproxy_secs(&haproxy_setting(&text, "default-server", "inter"));
+    let fall: f64 = haproxy_setting(&text, "default-server", "fall")
+        .parse()
+        .expect("fall");
+    let check = haproxy_secs(&haproxy_setting(&text, "timeout check", "check"));
+    // A frozen node accepts the check's connection and never answers: each failed check lasts
+    // `timeout check`, with `inter` before each.
+    let out_after = fall * (inter + check);
+    let sdk = messenger_protocol::client::ConnectOptions::new(
+        "127.0.0.1:7443",
+        messenger_protocol::client::Trust::CaFile("ca.pem".into()),
+    );
+    let clients_give_up = sdk.ping_interval.min(sdk.connect_timeout).as_secs_f64();
+    assert!(
+        out_after < clients_give_up / 2.0,
+        "a frozen node is out after up to {out_after} s (inter {inter} s, fall {fall}, timeout \
+         check {check} s); clients notice after {clients_give_up} s at the earliest"
+    );
+    assert!(
+        text.contains("${CHECK_INTER-"),
+        "tests override the interval with CHECK_INTER"
+    );
+}
+
+#[test]
+fn every_local_cluster_variable_is_documented() {
+    let script = read("local-cluster");
+    let docs = std::fs::read_to_string(deploy_dir().join("../docs/OPERATIONS.md"))
+        .expect("docs/OPERATIONS.md");
+    let mut variables: Vec<&str> = script
+        .match_indices("MESSENGER_CLUSTER_")
+        .map(|(i, _)| {
+            let rest = &script[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    variables.sort_unstable();
+    variables.dedup();
+    assert!(variables.len() >= 7, "{variables:?}");
+    for variable in variables {
+        assert!(
+            docs.contains(variable),
+            "docs/OPERATIONS.md does not mention {variable}"
+        );
+    }
+    assert!(docs.contains("## Local cluster"));
+}
+
 #[test]
 fn the_local_cluster_script_parses() {
     let script = deploy_dir().join("local-cluster");

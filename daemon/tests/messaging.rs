@@ -284,6 +284,62 @@ async fn only_admins_change_membership_and_leavers_stop_receiving() {
 }
 
 #[tokio::test]
+async fn repeated_ids_and_the_creator_do_not_count_against_the_group_size() {
+    let ts = TestServer::start_with(|c| c.limits.max_group_members = 3).await;
+    let (alice, alice_user) = ts.user("alice").await;
+    let (_bob, bob) = ts.user("bob").await;
+    let (_carol, carol) = ts.user("carol").await;
+    let (_dave, dave) = ts.user("dave").await;
+    let (b, c, d, me) = (bob.user_id, carol.user_id, dave.user_id, alice_user.user_id);
+
+    // Three people, named four times: a group of three, at the limit.
+    let g = alice
+        .conn()
+        .create_group("three", &[b, c, b, me])
+        .await
+        .expect("a group of three is within the limit");
+    let mut members: Vec<u64> = g
+        .members
+        .iter()
+        .filter_map(|m| m.user.as_ref().map(|u| u.user_id))
+        .collect();
+    members.sort_unstable();
+    let mut want = vec![me, b, c];
+    want.sort_unstable();
+    assert_eq!(members, want);
+
+    // Four distinct people are one too many, however they are spelled.
+    let err = alice
+        .conn()
+        .create_group("four", &[b, c, d, d])
+        .await
+        .expect_err("a group of four");
+    assert_eq!(code(&err), Some(ErrorCode::InvalidArgument));
+
+    // Adding: repeats, the admin and existing members do not count either.
+    let pair = alice
+        .conn()
+        .create_group("pair", &[b])
+        .await
+        .expect("create pair");
+    let grown = alice
+        .conn()
+        .add_members(pair.group_id, &[c, c, me, b])
+        .await
+        .expect("the pair grows to three");
+    assert_eq!(grown.members.len(), 3);
+    let err = alice
+        .conn()
+        .add_members(pair.group_id, &[d, d])
+        .await
+        .expect_err("a fourth member");
+    assert_eq!(code(&err), Some(ErrorCode::InvalidArgument));
+    let after = alice.conn().get_group(pair.group_id).await.expect("info");
+    assert_eq!(after.members.len(), 3, "a refused add changes nothing");
+    ts.stop().await;
+}
+
+#[tokio::test]
 async fn a_retry_with_the_same_client_msg_id_is_delivered_once() {
     let ts = TestServer::start().await;
     let (alice, _) = ts.user("alice").await;

@@ -1,6 +1,8 @@
 //! The two loops every messaging scenario is made of: a sender that sends stamped messages on
-//! a schedule (open loop) or back to back (closed loop), and a receiver that logs every stamp
-//! it gets, measures latency from the intended send time, and acknowledges in batches.
+//! a schedule (open loop) or back to back (closed loop), for a while or a given number of
+//! messages, and a receiver that logs every stamp it gets, measures latency from the intended
+//! send time, and acknowledges in batches. Both keep the run's [`Ledger`] of owed pairs
+//! current, so the drain knows exactly what is still on its way.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,8 +14,19 @@ use messenger_protocol::client::{Client, Connection, Event, Recipient};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::checker::{ReceiverLog, SenderLog, Target, new_histogram};
-use crate::payload::Stamp;
+use crate::checker::{Node, ReceiverLog, SenderLog, Target, new_histogram};
+use crate::ledger::Ledger;
+use crate::payload::{Stamp, client_msg_id};
+
+/// One sender's part of a plan.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    pub sender: u32,
+    pub target: Target,
+    pub to: Recipient,
+    /// The users each accepted message is owed to (recipients other than the sender).
+    pub owed_to: Vec<u32>,
+}
 
 /// State shared by every loop of one run.
 pub struct Run {
@@ -22,11 +35,20 @@ pub struct Run {
     /// Latency of messages meant to be sent before this is not recorded.
     pub measure_from_ns: u64,
     pub body_size: usize,
+    /// Wall-clock milliseconds since the Unix epoch (by default, when the run began): a
+    /// stamp of another run that the server stored at or after this is no leftover of an
+    /// earlier run but a cross-delivery.
+    pub foreign_since_unix_ms: i64,
+    /// When set, each sender stops after this many messages (accepted or failed).
+    pub messages_per_sender: Option<u64>,
     pub sent: AtomicU64,
-    pub accepted: AtomicU64,
-    /// Deliveries owed to recipients by accepted messages (excluding senders' own copies).
-    pub owed: AtomicU64,
+    /// Accepted messages; may be a caller's counter (see [`crate::scenarios::Params`]), so
+    /// read it relative to its value when the run began.
+    pub accepted: Arc<AtomicU64>,
+    /// First arrivals of this run's messages (owed or not), for rates.
     pub delivered: AtomicU64,
+    /// Every owed (message, recipient) pair not arrived yet.
+    pub ledger: Ledger,
     pub errors: std::sync::Mutex<BTreeMap<String, u64>>,
     /// Per-second buckets of latency, for the progress line and the plot.
     pub timeline: std::sync::Mutex<Vec<Histogram<u64>>>,
@@ -37,21 +59,51 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn new(body_size: usize, warmup: Duration) -> Arc<Self> {
-        Arc::new(Self {
+    /// A run bounded by time, with its own counters; the methods below adjust it before it
+    /// is shared.
+    pub fn new(body_size: usize, warmup: Duration) -> Self {
+        let now_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Self {
             id: rand::random(),
             epoch: Instant::now(),
             measure_from_ns: warmup.as_nanos() as u64,
             body_size,
+            foreign_since_unix_ms: now_unix_ms,
+            messages_per_sender: None,
             sent: AtomicU64::new(0),
-            accepted: AtomicU64::new(0),
-            owed: AtomicU64::new(0),
+            accepted: Arc::default(),
             delivered: AtomicU64::new(0),
+            ledger: Ledger::new(),
             errors: std::sync::Mutex::new(BTreeMap::new()),
             timeline: std::sync::Mutex::new(Vec::new()),
             stop_sending: CancellationToken::new(),
             stop_receiving: CancellationToken::new(),
-        })
+        }
+    }
+
+    /// Each sender stops after `n` messages (when `Some`).
+    pub fn messages_per_sender(mut self, n: Option<u64>) -> Self {
+        self.messages_per_sender = n;
+        self
+    }
+
+    /// Counts accepted messages in a caller's counter too (e.g. to inject a fault after K).
+    pub fn accepted_into(mut self, counter: Option<Arc<AtomicU64>>) -> Self {
+        if let Some(c) = counter {
+            self.accepted = c;
+        }
+        self
+    }
+
+    /// Treats other runs' stamps stored at or after `unix_ms` as cross-deliveries (default:
+    /// from when the run began).
+    pub fn foreign_since(mut self, unix_ms: Option<i64>) -> Self {
+        if let Some(ms) = unix_ms {
+            self.foreign_since_unix_ms = ms;
+        }
+        self
     }
 
     pub fn now_ns(&self) -> u64 {
@@ -72,15 +124,21 @@ impl Run {
         let _ = t[second].record(latency_us.max(1));
     }
 
-    /// Waits until every owed delivery arrived, or `limit` passed.
+    /// Waits until no owed (message, recipient) pair is outstanding, or `limit` passed.
+    /// Call it after every sender finished, so every `Sent` is in the ledger.
     pub async fn drain(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.delivered.load(Ordering::Acquire) >= self.owed.load(Ordering::Acquire) {
-                return;
-            }
+        while self.ledger.outstanding() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether a stamp of another run, stored by the server at `server_time_ms`, crossed
+    /// over (stored while this run went) rather than being left over from an earlier run.
+    /// Assumes the harness's and the server's clocks agree to well within the time the run
+    /// spent connecting before it began.
+    pub fn stored_during(&self, server_time_ms: i64) -> bool {
+        server_time_ms >= self.foreign_since_unix_ms
     }
 }
 
@@ -93,8 +151,8 @@ pub enum Pace {
     Closed,
 }
 
-/// Sends stamped messages from user `me` to `to` until the run stops sending.
-/// `recipients` is how many deliveries each accepted message owes (excluding the sender).
+/// Sends `plan.sender`'s stamped messages to `plan.to` until the run stops sending or, when the
+/// run has a message count, until this sender sent that many.
 ///
 /// A send that fails because the connection went away (a node died, a GoAway) or the server
 /// was briefly unavailable is retried with the same `client_msg_id` on the connection the
@@ -103,12 +161,16 @@ pub enum Pace {
 pub async fn send_loop(
     run: Arc<Run>,
     mut conn: watch::Receiver<Connection>,
-    me: u32,
-    target: Target,
-    to: Recipient,
-    recipients: u64,
+    plan: Sender,
     pace: Pace,
 ) -> SenderLog {
+    let Sender {
+        sender: me,
+        target,
+        to,
+        owed_to,
+    } = plan;
+    let mut node = Node::from("");
     let mut log = SenderLog {
         sender: me,
         ..SenderLog::default()
@@ -122,6 +184,9 @@ pub async fn send_loop(
         run.epoch.elapsed() + interval.map_or(Duration::ZERO, |i| i.mul_f64(rand::random::<f64>()));
     let mut seq = 0u64;
     'sending: loop {
+        if run.messages_per_sender.is_some_and(|n| seq >= n) {
+            break;
+        }
         if interval.is_some() {
             let at = run.epoch + next;
             tokio::select! {
@@ -147,7 +212,7 @@ pub async fn send_loop(
         }
         .encode(run.body_size);
         run.sent.fetch_add(1, Ordering::Relaxed);
-        let client_msg_id = format!("{:x}-{me}-{seq}", run.id);
+        let client_msg_id = client_msg_id(run.id, me, seq);
         loop {
             let current = conn.borrow_and_update().clone();
             let e = match current
@@ -155,8 +220,11 @@ pub async fn send_loop(
                 .await
             {
                 Ok(_) => {
-                    log.accepted.push((seq, target));
-                    run.owed.fetch_add(recipients, Ordering::AcqRel);
+                    if *node != *current.server_node() {
+                        node = Node::from(current.server_node());
+                    }
+                    log.accepted(seq, target, &node);
+                    run.ledger.sent(me, seq, &owed_to);
                     run.accepted.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
@@ -202,6 +270,7 @@ pub async fn receive_loop(
     conn: watch::Sender<Connection>,
 ) -> (ReceiverLog, Client) {
     let mut log = ReceiverLog::new(me);
+    let mut node = Node::from(client.conn().server_node());
     let mut unacked = 0u32;
     loop {
         let event = tokio::select! {
@@ -217,19 +286,24 @@ pub async fn receive_loop(
             }
             Ok(Some(Event::Delivery(d))) => {
                 let now = run.now_ns();
-                let Some(stamp) = d.message.as_ref().and_then(|m| Stamp::decode(&m.body)) else {
-                    continue;
-                };
-                if stamp.run != run.id || stamp.sender == me {
-                    continue;
-                }
-                let latency_us = now.saturating_sub(stamp.intended_ns) / 1000;
-                if log.arrived(stamp.sender, stamp.seq, latency_us) {
-                    run.delivered.fetch_add(1, Ordering::AcqRel);
-                }
-                // Late arrivals during the drain count too: dropping them would hide the tail.
-                if stamp.intended_ns >= run.measure_from_ns {
-                    run.record_timeline(now, latency_us);
+                if let Some(m) = d.message.as_ref()
+                    && let Some(stamp) = Stamp::decode(&m.body)
+                {
+                    if stamp.run != run.id {
+                        let during = run.stored_during(m.server_time_ms);
+                        log.other_run(stamp.sender, stamp.seq, &m.client_msg_id, during, &node);
+                    } else if stamp.sender != me {
+                        let latency_us = now.saturating_sub(stamp.intended_ns) / 1000;
+                        run.ledger.arrived(me, stamp.sender, stamp.seq);
+                        if log.arrived(stamp.sender, stamp.seq, latency_us, &node) {
+                            run.delivered.fetch_add(1, Ordering::AcqRel);
+                        }
+                        // Late arrivals during the drain count too: dropping them would hide
+                        // the tail.
+                        if stamp.intended_ns >= run.measure_from_ns {
+                            run.record_timeline(now, latency_us);
+                        }
+                    }
                 }
                 unacked += 1;
                 if unacked >= 256 {
@@ -244,17 +318,20 @@ pub async fn receive_loop(
                 if client.reconnect_with_backoff(10).await.is_err() {
                     break;
                 }
+                node = Node::from(client.conn().server_node());
                 conn.send_replace(client.conn().clone());
             }
             Ok(None) => {
                 if client.reconnect_with_backoff(10).await.is_err() {
                     break;
                 }
+                node = Node::from(client.conn().server_node());
                 conn.send_replace(client.conn().clone());
             }
         }
     }
     let _ = client.ack_seen().await;
+    log.node = Node::from(client.conn().server_node());
     (log, client)
 }
 
@@ -270,4 +347,78 @@ pub fn merged_latency(run: &Run) -> Histogram<u64> {
         let _ = all.add(h);
     }
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checker::check;
+
+    fn node() -> Node {
+        Node::from("node1")
+    }
+
+    /// The case that once ended the drain early: an owed pair is still in flight while an
+    /// unconfirmed message (stored, but its sender never saw `Sent`) already arrived, so the
+    /// counts match. The drain must wait for the owed pair itself, and then it is no loss.
+    #[tokio::test]
+    async fn a_late_owed_delivery_inside_the_drain_window_is_waited_for_and_not_lost() {
+        let run = Arc::new(Run::new(64, Duration::ZERO));
+        let mut sender = SenderLog {
+            sender: 0,
+            ..SenderLog::default()
+        };
+        // Seq 1 timed out at the sender, but the server stored it; seq 2 got `Sent`.
+        sender.failed += 1;
+        sender.accepted(2, Target::User(1), &node());
+        run.ledger.sent(0, 2, &[1]);
+        let mut receiver = ReceiverLog::new(1);
+        run.ledger.arrived(1, 0, 1);
+        receiver.arrived(0, 1, 5, &node());
+        assert_eq!(run.ledger.outstanding(), 1);
+
+        let late = {
+            let run = run.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut receiver = receiver;
+                receiver.arrived(0, 2, 300_000, &node());
+                run.ledger.arrived(1, 0, 2);
+                receiver
+            })
+        };
+        // Generous: the drain ends when the pair arrives, not at the limit.
+        run.drain(Duration::from_secs(60)).await;
+        assert_eq!(run.ledger.outstanding(), 0);
+        assert!(
+            late.is_finished(),
+            "the drain ended before the owed pair arrived"
+        );
+        let receiver = late.await.expect("late task");
+        let (report, _) = check(run.id, &[sender], &[receiver], &[]);
+        assert!(report.clean(), "{report}");
+        assert_eq!(
+            (report.delivered, report.lost, report.unconfirmed),
+            (1, 0, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_drain_gives_up_at_its_limit_and_the_pair_is_then_lost() {
+        let run = Arc::new(Run::new(64, Duration::ZERO));
+        let mut sender = SenderLog {
+            sender: 0,
+            ..SenderLog::default()
+        };
+        sender.accepted(1, Target::User(1), &node());
+        run.ledger.sent(0, 1, &[1]);
+        run.drain(Duration::from_millis(100)).await;
+        assert_eq!(run.ledger.outstanding_pairs(10), vec![(1, 0, 1)]);
+        let (report, _) = check(run.id, &[sender], &[ReceiverLog::new(1)], &[]);
+        assert_eq!(report.lost, 1);
+        assert_eq!(
+            report.lost_pairs[0].client_msg_id,
+            client_msg_id(run.id, 0, 1)
+        );
+    }
 }

@@ -7,6 +7,7 @@ pub mod checker;
 pub mod daemon_metrics;
 pub mod drive;
 pub mod fleet;
+pub mod ledger;
 pub mod payload;
 pub mod peers;
 pub mod report;

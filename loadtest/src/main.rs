@@ -33,9 +33,14 @@ struct Cli {
     /// previous message was accepted.
     #[arg(long, global = true)]
     rate: Option<f64>,
-    /// Seconds of sending, warm-up included.
-    #[arg(long, default_value_t = 10.0, global = true)]
-    duration: f64,
+    /// Seconds of sending, warm-up included (default 10). With --messages, only an upper
+    /// limit (default: one hour).
+    #[arg(long, global = true)]
+    duration: Option<f64>,
+    /// Messages each sender sends (accepted or failed); the run ends when every sender is
+    /// done, however long that takes (up to --duration). Not with --peers or idle/storm.
+    #[arg(long, global = true)]
+    messages: Option<u64>,
     /// Seconds at the start whose latencies and rates are not reported.
     #[arg(long, default_value_t = 2.0, global = true)]
     warmup: f64,
@@ -211,6 +216,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 .join("tokens.json")
         })
     });
+    anyhow::ensure!(
+        cli.messages.is_none() || cli.peers.is_empty(),
+        "--peers compares over --duration; give --duration instead of --messages"
+    );
+    anyhow::ensure!(
+        cli.messages.is_none()
+            || !matches!(cli.scenario, Scenario::Idle { .. } | Scenario::Storm { .. }),
+        "--messages bounds direct, group and mixed; idle and storm have their own bounds"
+    );
+    let duration = cli
+        .duration
+        .unwrap_or(if cli.messages.is_some() { 3600.0 } else { 10.0 });
     let params = scenarios::Params {
         fleet: fleet::FleetOptions {
             targets: cli.targets.clone(),
@@ -225,8 +242,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             event_buffer: 1024,
         },
         rate: cli.rate,
-        duration: secs(cli.duration),
-        warmup: secs(cli.warmup.min(cli.duration / 2.0)),
+        duration: secs(duration),
+        messages_per_sender: cli.messages,
+        accepted: None,
+        foreign_since_unix_ms: None,
+        warmup: secs(cli.warmup.min(duration / 2.0)),
         drain: secs(cli.drain),
         body_size: cli.body_size.max(payload::HEADER_BYTES),
         daemon_pid: cli.daemon_pid.or_else(stats::find_daemon),

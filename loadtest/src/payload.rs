@@ -53,6 +53,12 @@ impl Stamp {
     }
 }
 
+/// The `client_msg_id` of `sender`'s message `seq` in run `run`: unique per run and sender,
+/// so a retry reuses it and the checker can name a message the way the server knows it.
+pub fn client_msg_id(run: u64, sender: u32, seq: u64) -> String {
+    format!("{run:x}-{sender}-{seq}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,22 +94,11 @@ impl Report {
         for (k, v) in &o.extra {
             row(k, format!("{v:.2}"));
         }
-        let ch = &o.check;
-        row(
-            "check",
-            format!(
-                "{} — owed {}, delivered {}, lost {}, duplicates {}, reordered {}, misdelivered {}, unconfirmed {}, failed sends {}",
-                if ch.clean() { "CLEAN" } else { "FAILED" },
-                ch.expected_deliveries,
-                ch.delivered,
-                ch.lost,
-                ch.duplicates,
-                ch.reordered,
-                ch.misdelivered,
-                ch.unconfirmed,
-                ch.failed_sends
-            ),
-        );
+        row("check", o.check.summary());
+        // The pairs behind a failed check, by name: sender, recipient, client_msg_id, seq, nodes.
+        for line in o.check.named().lines() {
+            row("", line.to_string());
+        }
         for (k, v) in &o.errors {
             row("error", format!("{k}: {v}"));
         }

@@ -1,6 +1,7 @@
 //! CI smoke runs of `messenger-loadtest` against a real daemon (in this process, real TLS):
-//! a few hundred clients for a few seconds per scenario. They assert what the harness checks —
-//! zero loss, zero duplicates, zero reordering, and that messages flowed — never a timing.
+//! a few hundred clients and a few thousand messages per scenario. They assert what the
+//! harness checks — zero loss, zero duplicates, zero reordering, and that messages flowed —
+//! never a timing. Messaging scenarios are bounded by count (`--messages`), not by seconds.
 
 use std::path::Path;
 use std::process::Command;
@@ -58,7 +59,7 @@ fn loadtest(server: &RunningServer, dir: &Path, args: &[&str]) -> serde_json::Va
 
 fn assert_clean(report: &serde_json::Value) {
     let check = &report["outcome"]["check"];
-    for key in ["lost", "duplicates", "reordered", "misdelivered"] {
+    for key in ["lost", "duplicates", "reordered", "misdelivered", "foreign"] {
         assert_eq!(check[key], 0, "{key} in {check}");
     }
     let owed = check["expected_deliveries"].as_u64().expect("owed");
@@ -73,13 +74,22 @@ async fn the_harness_checks_every_scenario_end_to_end_with_zero_loss() {
     let d = dir.path().to_path_buf();
     let s = &server;
     let common = ["--duration", "3", "--warmup", "1", "--drain", "20"];
+    // Each sender sends exactly this many; the duration is then only a safety limit.
+    let counted = ["--messages", "30", "--warmup", "1", "--drain", "60"];
+    let every_message_accounted_for = |report: &serde_json::Value, senders: u64| {
+        let check = &report["outcome"]["check"];
+        let accepted = check["accepted_messages"].as_u64().expect("accepted");
+        let failed = check["failed_sends"].as_u64().expect("failed");
+        assert_eq!(accepted + failed, senders * 30, "{check}");
+    };
 
     let direct = tokio::task::block_in_place(|| {
         let mut a = vec!["direct", "--pairs", "100", "--rate", "2000"];
-        a.extend(common);
+        a.extend(counted);
         loadtest(s, &d, &a)
     });
     assert_clean(&direct);
+    every_message_accounted_for(&direct, 200);
     // The daemon's own counters agree with the harness.
     let accepted = direct["outcome"]["accepted"].as_f64();
     assert_eq!(
@@ -101,20 +111,22 @@ async fn the_harness_checks_every_scenario_end_to_end_with_zero_loss() {
             "--rate",
             "100",
         ];
-        a.extend(common);
+        a.extend(counted);
         loadtest(s, &d, &a)
     });
     assert_clean(&group);
+    every_message_accounted_for(&group, 10);
     assert!(group["outcome"]["completion"]["count"].as_u64() > Some(0));
 
     let mixed = tokio::task::block_in_place(|| {
         let mut a = vec![
             "mixed", "--pairs", "20", "--groups", "2", "--size", "10", "--rate", "400",
         ];
-        a.extend(common);
+        a.extend(counted);
         loadtest(s, &d, &a)
     });
     assert_clean(&mixed);
+    every_message_accounted_for(&mixed, 60);
 
     let storm = tokio::task::block_in_place(|| {
         let mut a = vec!["storm", "--clients", "200", "--backlog", "10"];

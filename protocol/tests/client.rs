@@ -148,6 +148,7 @@ async fn hello(conn: &mut ServerConn) {
         protocol_version: PROTOCOL_VERSION,
         server: "fake-messengerd/0".into(),
         limits: Some(limits()),
+        node: "fake-node-2".into(),
     };
     send(conn, frame.request_id, server_frame::Kind::HelloOk(ok)).await;
 }
@@ -232,6 +233,7 @@ async fn hello_ping_and_a_repeated_seq_is_returned_once() {
         .expect("connect");
     assert_eq!(client.conn().limits(), &limits());
     assert_eq!(client.conn().server(), "fake-messengerd/0");
+    assert_eq!(client.conn().server_node(), "fake-node-2");
     client.conn().ping().await.expect("ping");
 
     assert_eq!(seq_of(client.next_event().await), 1);
@@ -585,33 +587,44 @@ async fn a_silent_server_is_detected_by_the_pinger() {
 #[tokio::test]
 async fn an_answering_server_keeps_the_connection_and_drop_closes_it() {
     let id = self_signed("localhost");
-    let (addr, server) = serve(&id, 1, |_, mut conn| async move {
-        hello(&mut conn).await;
-        let mut pings = 0;
-        // Answer pings until the client goes away (every handle dropped → graceful close).
-        loop {
-            let next = tokio::time::timeout(WAIT, conn.next())
-                .await
-                .expect("the client's goodbye in time");
-            let Some(Ok(f)) = next else { break };
-            if matches!(f.kind, Some(client_frame::Kind::Ping(_))) {
-                pings += 1;
-                send(
-                    &mut conn,
-                    f.request_id,
-                    server_frame::Kind::Pong(pb::Pong {}),
-                )
-                .await;
+    // The server says when it has answered three pings: the client is judged after a count of
+    // pings, not after a sleep, so a busy machine cannot make the test pass or fail early.
+    let (answered, mut three_answered) = tokio::sync::mpsc::channel::<()>(1);
+    let (addr, server) = serve(&id, 1, move |_, mut conn| {
+        let answered = answered.clone();
+        async move {
+            hello(&mut conn).await;
+            let mut pings = 0;
+            // Answer pings until the client goes away (every handle dropped → graceful close).
+            loop {
+                let next = tokio::time::timeout(WAIT, conn.next())
+                    .await
+                    .expect("the client's goodbye in time");
+                let Some(Ok(f)) = next else { break };
+                if matches!(f.kind, Some(client_frame::Kind::Ping(_))) {
+                    pings += 1;
+                    send(
+                        &mut conn,
+                        f.request_id,
+                        server_frame::Kind::Pong(pb::Pong {}),
+                    )
+                    .await;
+                    if pings == 3 {
+                        let _ = answered.send(()).await;
+                    }
+                }
             }
+            assert!(pings >= 3, "only {pings} pings");
         }
-        assert!(pings >= 3, "only {pings} pings");
     })
     .await;
     let mut opts = options(addr, Trust::CaPem(id.cert_pem.into_bytes()));
     opts.ping_interval = Duration::from_millis(50);
-    opts.request_timeout = Duration::from_millis(200);
+    opts.request_timeout = Duration::from_secs(5);
     let (conn, events) = Connection::connect(&opts).await.expect("connect");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::timeout(WAIT, three_answered.recv())
+        .await
+        .expect("three pings answered in time");
     assert!(!conn.is_closed(), "{:?}", conn.closed_reason());
     drop(conn);
     drop(events);

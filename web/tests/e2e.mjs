@@ -450,6 +450,9 @@ try {
     await waitSent(C, text);
     check(lost.retries === 1, `the send was retried once after reconnecting (${lost.retries})`);
     check(!lost.otherIds, "the retry reused the original client_msg_id");
+    // The page may show the message as sent from its own copy replayed after the resume,
+    // before the retry's answer arrives (a busy machine makes that likely): wait for the answer.
+    await eventually("the server's answer to the retry", async () => lost.duplicate !== null);
     check(lost.duplicate === true, "the server answered the retry as a duplicate");
     await waitOnline(C);
     await openConversation(A, carol.display);

@@ -1,15 +1,28 @@
 //! Running as one node of several (DESIGN §7): Redis carries presence and cross-node pushes;
 //! PostgreSQL, shared by every node, stays the only truth about messages.
 //!
-//! - **Presence**: `messenger:presence:{user}` is the set of nodes holding a connection of the
-//!   user. Each node refreshes `messenger:node:{id}` (a heartbeat with a TTL); a node whose key
+//! - **Identity**: a cluster is its database. The id the schema was created with
+//!   (`Store::cluster_id`) names every Redis key and channel (`keyspace`:
+//!   `messenger:{cluster_id}:...`) and is stamped on every envelope; a node drops envelopes of
+//!   another cluster. Clusters sharing one Redis, even with the same node names and the same
+//!   user and device ids, never see each other's presence, pushes or fences.
+//! - **Node ids are claimed** (`claim`): the heartbeat key holds a random token of the process
+//!   that took it with `SET NX`; a second live process with the same id refuses to start, and a
+//!   node that finds its id taken over (it was frozen past the TTL and another process claimed
+//!   it) stops serving for good: it closes every connection, reports not ready, and
+//!   `messengerd` exits non-zero (`Cluster::claim_lost`).
+//! - **Presence**: `...:presence:{user}` is the set of nodes holding a connection of the
+//!   user. Each node refreshes `...:node:{id}` (a heartbeat with a TTL); a node whose key
 //!   expired counts as gone, and its presence entries are dropped when met.
 //! - **Routing**: after a commit the accepting node pushes to its own hub, then a router task
 //!   batches the entries of whatever was accepted meanwhile, looks up the recipients' nodes in
-//!   one pipeline and publishes one `wire::Envelope` per node on `messenger:to:{id}`. Each
-//!   node subscribes to its own channel (and `messenger:all`) and pushes what arrives from
+//!   one pipeline and publishes one `wire::Envelope` per node on `...:to:{id}`. Each
+//!   node subscribes to its own channel (and `...:all`) and pushes what arrives from
 //!   its hub; the delivery pump orders it and fills any gap from the store.
-//! - **Fencing**: every sign-in takes a new epoch for its device (`messenger:epoch:{device}`,
+//! - **Rebalancing** (`rebalance`): each heartbeat publishes the node's connection count; a
+//!   node holding clearly more than its share hands a few connections back with a jittered
+//!   `GoAway`, so a restarted node gets its clients back.
+//! - **Fencing**: every sign-in takes a new epoch for its device (`...:epoch:{device}`,
 //!   strictly increasing, and never below the current time in microseconds so a Redis that
 //!   lost its data still hands out newer epochs than before). The node tells the user's other
 //!   nodes, which close their connection of that device if its epoch is older.
@@ -22,10 +35,13 @@
 //!   may have been routed around: it closes every client connection with a reason, so each
 //!   reconnects and resumes from its cursor, and rejoins with an empty hub.
 
+pub mod claim;
+pub mod keyspace;
+pub mod rebalance;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -36,15 +52,15 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::ClusterConfig;
 use crate::hub::{ConnHandle, Hub, HubEvent};
 use crate::metrics;
 use crate::model::{Appended, DeviceId, UserId};
-
-const NODES_KEY: &str = "messenger:nodes";
-const BROADCAST_CHANNEL: &str = "messenger:all";
+use claim::Refresh;
+pub use keyspace::Keyspace;
+use rebalance::Load;
 /// Accepted messages waiting for the router; past this they are not published (the
 /// recipients' nodes catch up from the store instead, see `missed`).
 const ROUTE_QUEUE: usize = 65_536;
@@ -62,21 +78,8 @@ redis.call('SET', KEYS[1], epoch, 'EX', 2592000)
 return epoch
 ";
 
-fn node_key(node: &str) -> String {
-    format!("messenger:node:{node}")
-}
-
-fn node_channel(node: &str) -> String {
-    format!("messenger:to:{node}")
-}
-
-fn presence_key(user: UserId) -> String {
-    format!("messenger:presence:{}", user.0)
-}
-
-fn epoch_key(device: DeviceId) -> String {
-    format!("messenger:epoch:{}", device.0)
-}
+/// Least time between two warnings about envelopes of another cluster.
+const FOREIGN_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// A default node id: host name, process id and a random suffix, so two processes (even on
 /// one host, even after a pid is reused) never share one.
@@ -99,6 +102,18 @@ pub enum ClusterError {
     Url(String),
     #[error("cannot reach redis at start: {0}")]
     Connect(String),
+    #[error("{0}")]
+    ClusterId(String),
+    #[error(
+        "node id {node} is already in use in cluster {cluster} (another messengerd holds it; \
+         it expires {ttl_secs} s after that node stops; waited {waited_secs} s)"
+    )]
+    NodeIdTaken {
+        node: String,
+        cluster: String,
+        ttl_secs: u64,
+        waited_secs: u64,
+    },
 }
 
 /// Accepted messages on their way to other nodes.
@@ -108,6 +123,9 @@ struct Route {
 
 pub struct Cluster {
     node: String,
+    keys: Keyspace,
+    /// This process's claim on `node` (`claim`).
+    token: String,
     client: redis::Client,
     redis: ConnectionManager,
     hub: Arc<Hub>,
@@ -126,6 +144,13 @@ pub struct Cluster {
     last_tick: std::sync::Mutex<Instant>,
     heartbeat: Duration,
     node_ttl: Duration,
+    rebalance_tolerance_percent: u64,
+    rebalance_batch: usize,
+    /// Cancelled when another process took this node's id over: this one serves no more.
+    claim_lost: CancellationToken,
+    /// Envelopes of another cluster heard (on a channel of ours: a misconfiguration or a bug).
+    foreign: AtomicU64,
+    last_foreign_warning: std::sync::Mutex<Option<Instant>>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -134,19 +159,23 @@ impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
             .field("node", &self.node)
+            .field("cluster", &self.keys.cluster_id())
             .field("healthy", &self.healthy.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
 
 impl Cluster {
-    /// Connects to Redis, joins the cluster and starts the presence, routing, subscription and
-    /// heartbeat tasks. `hub` must not be observed by anyone else.
+    /// Connects to Redis, claims the node id in the keyspace of `cluster_id` (what
+    /// `Store::cluster_id` returns), joins the cluster and starts the presence, routing,
+    /// subscription and heartbeat tasks. `hub` must not be observed by anyone else.
     pub async fn start(
         config: &ClusterConfig,
         url: &str,
+        cluster_id: &str,
         hub: Arc<Hub>,
     ) -> Result<Arc<Self>, ClusterError> {
+        let keys = Keyspace::new(cluster_id).map_err(ClusterError::ClusterId)?;
         let node = config.node_id.clone().unwrap_or_else(default_node_id);
         let client = redis::Client::open(url).map_err(|e| ClusterError::Url(e.to_string()))?;
         let manager_config = ConnectionManagerConfig::new()
@@ -158,12 +187,24 @@ impl Cluster {
             .get_connection_manager_with_config(manager_config)
             .await
             .map_err(|e| ClusterError::Connect(e.to_string()))?;
+        let token = claim::new_token();
+        claim::take(
+            &redis,
+            &keys,
+            &node,
+            &token,
+            config.node_ttl(),
+            config.node_claim_wait(),
+        )
+        .await?;
         let events = hub
             .observe()
             .ok_or_else(|| ClusterError::Connect("the hub is already observed".into()))?;
         let (routes, route_queue) = mpsc::channel(ROUTE_QUEUE);
         let cluster = Arc::new(Self {
             node,
+            keys,
+            token,
             client,
             redis,
             hub,
@@ -175,14 +216,28 @@ impl Cluster {
             last_tick: std::sync::Mutex::new(Instant::now()),
             heartbeat: config.heartbeat(),
             node_ttl: config.node_ttl(),
+            rebalance_tolerance_percent: config.rebalance_tolerance_percent,
+            rebalance_batch: config.rebalance_batch,
+            claim_lost: CancellationToken::new(),
+            foreign: AtomicU64::new(0),
+            last_foreign_warning: std::sync::Mutex::new(None),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
         // Be visible before the first client can connect, so nobody routes around this node.
-        cluster
+        let first = cluster
             .beat()
             .await
             .map_err(|e| ClusterError::Connect(e.to_string()))?;
+        if first.claim == Refresh::Lost {
+            // Taken over between the claim and the first beat: as good as taken at start.
+            return Err(ClusterError::NodeIdTaken {
+                node: cluster.node.clone(),
+                cluster: cluster.keys.cluster_id().to_owned(),
+                ttl_secs: config.node_ttl_secs,
+                waited_secs: 0,
+            });
+        }
         let subscribed = Arc::new(tokio::sync::Notify::new());
         cluster
             .tasks
@@ -197,12 +252,49 @@ impl Cluster {
         // Deliveries published to this node before it listens would be lost: wait (bounded)
         // for the subscription; if Redis is slow the catch-up after subscribing covers it.
         let _ = tokio::time::timeout(REDIS_TIMEOUT, subscribed.notified()).await;
-        info!(node = %cluster.node, "joined the cluster");
+        info!(
+            node = %cluster.node,
+            cluster = cluster.keys.cluster_id(),
+            "joined the cluster"
+        );
         Ok(cluster)
     }
 
     pub fn node_id(&self) -> &str {
         &self.node
+    }
+
+    /// The id of the cluster (of its database) this node belongs to.
+    pub fn cluster_id(&self) -> &str {
+        self.keys.cluster_id()
+    }
+
+    /// The names of this cluster's Redis keys and channels.
+    pub fn keyspace(&self) -> &Keyspace {
+        &self.keys
+    }
+
+    /// Resolves, with the reason, once another process took this node's id over (this node
+    /// was frozen or cut off past the TTL and a new process claimed the id). From then on
+    /// this node serves nothing: it closed every connection, refuses sign-ins and reports not
+    /// ready; `messengerd` exits non-zero.
+    pub async fn claim_lost(&self) -> String {
+        self.claim_lost.cancelled().await;
+        self.claim_lost_reason()
+    }
+
+    /// True once another process took this node's id over (see `claim_lost`).
+    pub fn has_lost_claim(&self) -> bool {
+        self.claim_lost.is_cancelled()
+    }
+
+    fn claim_lost_reason(&self) -> String {
+        format!(
+            "node id {} in cluster {} was taken over by another process while this one was \
+             cut off; this process no longer serves as that node",
+            self.node,
+            self.keys.cluster_id()
+        )
     }
 
     /// Redis answered the last heartbeat, and the node is not rejoining after being cut off.
@@ -218,6 +310,9 @@ impl Cluster {
     /// True for one node TTL after this node found it had been cut off (frozen, partitioned),
     /// and from the moment it wakes up, before its heartbeat loop has run.
     pub fn is_rejoining(&self) -> bool {
+        if self.has_lost_claim() {
+            return true;
+        }
         let stalled = self
             .last_tick
             .lock()
@@ -266,14 +361,10 @@ impl Cluster {
         self.tasks.close();
         let _ = tokio::time::timeout(REDIS_TIMEOUT, self.tasks.wait()).await;
         let mut redis = self.redis.clone();
-        let mut pipe = redis::pipe();
-        pipe.cmd("DEL").arg(node_key(&self.node)).ignore();
-        pipe.cmd("SREM").arg(NODES_KEY).arg(&self.node).ignore();
-        let left: redis::RedisResult<()> =
-            match tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut redis)).await {
-                Ok(r) => r,
-                Err(_) => Ok(()),
-            };
+        let release = claim::release(&mut redis, &self.keys, &self.node, &self.token);
+        let left = tokio::time::timeout(REDIS_TIMEOUT, release)
+            .await
+            .unwrap_or(Ok(()));
         if let Err(e) = left {
             warn!(error = %e, "could not leave the cluster cleanly; the heartbeat will expire");
         }
@@ -300,34 +391,56 @@ impl Cluster {
 
     // ----- heartbeat -----
 
-    /// Refreshes this node's heartbeat and learns which nodes are alive.
-    async fn beat(&self) -> redis::RedisResult<()> {
+    /// Refreshes this node's claim and load, and learns which nodes are alive and their loads.
+    async fn beat(&self) -> redis::RedisResult<Beat> {
         let mut redis = self.redis.clone();
-        let ttl_ms = u64::try_from(self.node_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mine = self.hub.connection_count() as u64;
+        let load = Load {
+            connections: mine,
+            ready: !self.is_rejoining(),
+        };
+        let claim = claim::refresh(
+            &mut redis,
+            &self.keys,
+            &self.node,
+            &self.token,
+            self.node_ttl,
+            &load.encode(),
+        )
+        .await?;
+        if claim == Refresh::Lost {
+            return Ok(Beat {
+                claim,
+                mine,
+                loads: Vec::new(),
+            });
+        }
         let (nodes,): (Vec<String>,) = redis::pipe()
-            .cmd("SET")
-            .arg(node_key(&self.node))
-            .arg(1)
-            .arg("PX")
-            .arg(ttl_ms)
-            .ignore()
             .cmd("SADD")
-            .arg(NODES_KEY)
+            .arg(self.keys.nodes())
             .arg(&self.node)
             .ignore()
             .cmd("SMEMBERS")
-            .arg(NODES_KEY)
+            .arg(self.keys.nodes())
             .query_async(&mut redis)
             .await?;
-        let keys: Vec<String> = nodes.iter().map(|n| node_key(n)).collect();
-        let alive: Vec<Option<String>> = redis::cmd("MGET")
+        // Claims first, then loads, in one round trip.
+        let keys: Vec<String> = nodes
+            .iter()
+            .map(|n| self.keys.node(n))
+            .chain(nodes.iter().map(|n| self.keys.load(n)))
+            .collect();
+        let mut values: Vec<Option<String>> = redis::cmd("MGET")
             .arg(&keys)
             .query_async(&mut redis)
             .await?;
+        let loads_of = values.split_off(nodes.len().min(values.len()));
         let mut live = HashSet::new();
+        let mut loads = Vec::new();
         let mut dead = Vec::new();
-        for (node, beat) in nodes.into_iter().zip(alive) {
+        for ((node, beat), load) in nodes.into_iter().zip(values).zip(loads_of) {
             if beat.is_some() {
+                loads.push(load.as_deref().and_then(Load::decode));
                 live.insert(node);
             } else {
                 dead.push(node);
@@ -336,19 +449,20 @@ impl Cluster {
         if !dead.is_empty() {
             // Forget nodes whose heartbeat expired; a node that was only slow adds itself back.
             let _: () = redis::cmd("SREM")
-                .arg(NODES_KEY)
+                .arg(self.keys.nodes())
                 .arg(&dead)
                 .query_async(&mut redis)
                 .await?;
         }
         metrics::cluster_live_nodes(live.len());
         *self.live_nodes.write().unwrap_or_else(|p| p.into_inner()) = live;
-        Ok(())
+        Ok(Beat { claim, mine, loads })
     }
 
     async fn heartbeat_loop(self: Arc<Self>) {
         let mut last_tick = Instant::now();
         let mut ticks: u64 = 0;
+        let mut last_rebalance: Option<Instant> = None;
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -380,7 +494,11 @@ impl Cluster {
             }
             let was_healthy = self.redis_reachable();
             match self.beat().await {
-                Ok(()) => {
+                Ok(beat) if beat.claim == Refresh::Lost => {
+                    self.lose_claim();
+                    return;
+                }
+                Ok(beat) => {
                     self.set_healthy(true);
                     if !was_healthy {
                         self.rejoin().await;
@@ -388,6 +506,7 @@ impl Cluster {
                     if self.missed.swap(false, Ordering::AcqRel) {
                         self.ask_everyone_to_catch_up().await;
                     }
+                    self.rebalance(&beat, &mut last_rebalance);
                 }
                 Err(e) => {
                     debug!(error = %e, "heartbeat failed");
@@ -402,6 +521,49 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Another process holds this node's id: everything this one would still do under it
+    /// (presence removals, subscriptions, routes) would act on that process's clients. Stop
+    /// all of it, then close every connection here so the clients resume elsewhere.
+    fn lose_claim(&self) {
+        metrics::cluster_claim_lost();
+        self.claim_lost.cancel();
+        self.stop.cancel();
+        let closed = self.hub.kick_all(&WireError::new(
+            ErrorCode::Unavailable,
+            "this node's id was taken over by another process; reconnect",
+        ));
+        error!(closed, "{}", self.claim_lost_reason());
+    }
+
+    /// One rebalancing round when this node holds more than its share (see `rebalance`),
+    /// at most once per `rebalance::SETTLE`, and only while this node is healthy.
+    fn rebalance(&self, beat: &Beat, last_round: &mut Option<Instant>) {
+        if !self.is_healthy() || last_round.is_some_and(|t| t.elapsed() < rebalance::SETTLE) {
+            return;
+        }
+        let count = rebalance::hand_back(
+            beat.mine,
+            &beat.loads,
+            self.rebalance_tolerance_percent,
+            self.rebalance_batch,
+        );
+        if count == 0 {
+            return;
+        }
+        let moved = self.hub.hand_back(
+            count,
+            &WireError::new(ErrorCode::Unavailable, rebalance::REASON),
+        );
+        *last_round = Some(Instant::now());
+        metrics::cluster_rebalanced(moved as u64);
+        info!(
+            moved,
+            connections = beat.mine,
+            nodes = beat.loads.len(),
+            "handed connections back to less busy nodes"
+        );
     }
 
     /// After Redis came back (possibly empty): registers every local connection again, with
@@ -422,12 +584,13 @@ impl Cluster {
     async fn ask_everyone_to_catch_up(&self) {
         let envelope = wire::Envelope {
             from_node: self.node.clone(),
+            cluster: self.keys.cluster_id().to_owned(),
             catch_up_all: true,
             ..wire::Envelope::default()
         };
         let mut redis = self.redis.clone();
         let sent: redis::RedisResult<()> = redis::cmd("PUBLISH")
-            .arg(BROADCAST_CHANNEL)
+            .arg(self.keys.all())
             .arg(envelope.to_bytes())
             .query_async(&mut redis)
             .await;
@@ -458,6 +621,11 @@ impl Cluster {
                     Err(_) => break,
                 }
             }
+            if self.stop.is_cancelled() {
+                // Stopping (or this node's id was taken over): these events are no longer
+                // ours to write.
+                return;
+            }
             if let Err(e) = self.apply_hub_events(&batch).await {
                 // Presence is re-registered and everyone catches up once Redis answers again.
                 debug!(error = %e, events = batch.len(), "presence update failed");
@@ -479,7 +647,7 @@ impl Cluster {
                 HubEvent::Gone { user } => {
                     removals = true;
                     pipe.cmd("SREM")
-                        .arg(presence_key(*user))
+                        .arg(self.keys.presence(*user))
                         .arg(&self.node)
                         .ignore();
                 }
@@ -548,14 +716,14 @@ impl Cluster {
                 continue;
             }
             pipe.cmd("SADD")
-                .arg(presence_key(conn.user))
+                .arg(self.keys.presence(conn.user))
                 .arg(&self.node)
                 .ignore();
             if conn.epoch() == 0 {
                 pipe.cmd("EVAL")
                     .arg(EPOCH_SCRIPT)
                     .arg(1)
-                    .arg(epoch_key(conn.device))
+                    .arg(self.keys.epoch(conn.device))
                     .arg(now_micros);
                 fresh.push(Arc::clone(conn));
             }
@@ -596,7 +764,7 @@ impl Cluster {
         distinct.dedup();
         let mut pipe = redis::pipe();
         for user in &distinct {
-            pipe.cmd("SMEMBERS").arg(presence_key(*user));
+            pipe.cmd("SMEMBERS").arg(self.keys.presence(*user));
         }
         let mut redis = self.redis.clone();
         let members: Vec<Vec<String>> = pipe.query_async(&mut redis).await?;
@@ -611,7 +779,7 @@ impl Cluster {
         let mut dead = HashSet::new();
         if !unknown.is_empty() {
             let unknown: Vec<&str> = unknown.into_iter().collect();
-            let keys: Vec<String> = unknown.iter().map(|n| node_key(n)).collect();
+            let keys: Vec<String> = unknown.iter().map(|n| self.keys.node(n)).collect();
             let beats: Vec<Option<String>> = redis::cmd("MGET")
                 .arg(&keys)
                 .query_async(&mut redis)
@@ -634,7 +802,11 @@ impl Cluster {
                     continue;
                 }
                 if dead.contains(&node) {
-                    stale.cmd("SREM").arg(presence_key(user)).arg(node).ignore();
+                    stale
+                        .cmd("SREM")
+                        .arg(self.keys.presence(user))
+                        .arg(node)
+                        .ignore();
                 } else {
                     others.push(node);
                 }
@@ -661,8 +833,9 @@ impl Cluster {
         let mut pipe = redis::pipe();
         for (node, mut envelope) in envelopes {
             envelope.from_node.clone_from(&self.node);
+            envelope.cluster = self.keys.cluster_id().to_owned();
             pipe.cmd("PUBLISH")
-                .arg(node_channel(&node))
+                .arg(self.keys.to_node(&node))
                 .arg(envelope.to_bytes())
                 .ignore();
         }
@@ -731,7 +904,7 @@ impl Cluster {
     // ----- subscription -----
 
     async fn subscribe_loop(self: Arc<Self>, subscribed: Arc<tokio::sync::Notify>) {
-        let channel = node_channel(&self.node);
+        let channel = self.keys.to_node(&self.node);
         let mut first = true;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -777,7 +950,7 @@ impl Cluster {
     async fn subscribe(&self, channel: &str) -> redis::RedisResult<redis::aio::PubSubStream> {
         let mut pubsub = self.client.get_async_pubsub().await?;
         pubsub.subscribe(channel).await?;
-        pubsub.subscribe(BROADCAST_CHANNEL).await?;
+        pubsub.subscribe(self.keys.all()).await?;
         Ok(pubsub.into_on_message())
     }
 
@@ -798,6 +971,10 @@ impl Cluster {
                 return;
             }
         };
+        if envelope.cluster != self.keys.cluster_id() {
+            self.foreign_envelope(&envelope);
+            return;
+        }
         let entries = envelope.entries();
         metrics::cluster_received(entries.len() as u64);
         for (user, entry) in &entries {
@@ -829,4 +1006,34 @@ impl Cluster {
             self.hub.catch_up_all();
         }
     }
+
+    /// Drops an envelope of another cluster (the keyspace should make this impossible: this
+    /// is the second line of defence), counting it and warning at most once a minute.
+    fn foreign_envelope(&self, envelope: &wire::Envelope) {
+        metrics::cluster_foreign_envelope();
+        let dropped = self.foreign.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self
+            .last_foreign_warning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= FOREIGN_WARN_EVERY) {
+            *last = Some(Instant::now());
+            warn!(
+                from_node = %envelope.from_node,
+                from_cluster = %envelope.cluster,
+                cluster = self.keys.cluster_id(),
+                dropped,
+                "dropped a cluster message of another cluster"
+            );
+        }
+    }
+}
+
+/// What one heartbeat learned.
+struct Beat {
+    claim: Refresh,
+    /// This node's connections, as published.
+    mine: u64,
+    /// The published load of every live node (this one included), `None` where unreadable.
+    loads: Vec<Option<Load>>,
 }

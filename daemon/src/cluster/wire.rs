@@ -30,6 +30,9 @@ pub struct Envelope {
     /// publish something (Redis was unreachable) and does not know to whom it was owed.
     #[prost(bool, tag = "6")]
     pub catch_up_all: bool,
+    /// The sending node's cluster id: a node drops envelopes of another cluster.
+    #[prost(string, tag = "7")]
+    pub cluster: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -162,6 +165,7 @@ mod tests {
         let m = message(42);
         let envelope = Envelope {
             from_node: "n1".into(),
+            cluster: "0123456789abcdef0123456789abcdef".into(),
             messages: vec![pb::Message::from(&m)],
             deliveries: vec![
                 RemoteDelivery {
@@ -178,6 +182,7 @@ mod tests {
             ..Envelope::default()
         };
         let back = Envelope::from_bytes(&envelope.to_bytes()).expect("decode");
+        assert_eq!(back.cluster, envelope.cluster);
         let entries = back.entries();
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].0, UserId(1));

@@ -1,5 +1,7 @@
 //! Groups: create, add and remove members (admins), leave, list, info.
 
+use std::collections::HashSet;
+
 use messenger_protocol::WireError;
 use messenger_protocol::pb::{self, server_frame::Kind as Resp};
 
@@ -9,11 +11,24 @@ use crate::session::{Handled, Session, ok};
 
 const GROUP_NAME_MAX: usize = 64;
 
-fn user_ids(ids: &[u64], max: usize) -> Result<Vec<UserId>, WireError> {
-    if ids.len() > max {
-        return Err(invalid(format!("at most {max} members per group")));
+/// The distinct ids other than the caller's own, in first-seen order. Duplicates and the
+/// caller are dropped *before* the size check: `[B, C, B, me]` is a group of three, and
+/// refusing it as four would punish a client for a harmless repeat.
+fn user_ids(ids: &[u64], me: UserId, max: usize) -> Result<Vec<UserId>, WireError> {
+    let mut seen = HashSet::with_capacity(ids.len().min(max.saturating_add(1)));
+    let mut out = Vec::new();
+    for &id in ids {
+        let user = UserId(id);
+        if user == me || !seen.insert(user) {
+            continue;
+        }
+        // The caller counts as one member too.
+        if out.len().saturating_add(1) >= max {
+            return Err(invalid(format!("at most {max} members per group")));
+        }
+        out.push(user);
     }
-    Ok(ids.iter().copied().map(UserId).collect())
+    Ok(out)
 }
 
 impl Session {
@@ -21,7 +36,7 @@ impl Session {
         let me = self.authed()?.user.id;
         let name = short_name("group name", &r.name, GROUP_NAME_MAX)?;
         let max = self.shared.config.limits.max_group_members;
-        let members = user_ids(&r.member_ids, max)?;
+        let members = user_ids(&r.member_ids, me, max)?;
         let group = self
             .shared
             .store
@@ -33,7 +48,7 @@ impl Session {
     pub(crate) async fn add_members(&mut self, r: pb::AddMembers) -> Handled {
         let me = self.authed()?.user.id;
         let max = self.shared.config.limits.max_group_members;
-        let users = user_ids(&r.user_ids, max)?;
+        let users = user_ids(&r.user_ids, me, max)?;
         if users.is_empty() {
             return Err(invalid("no users to add"));
         }

@@ -1179,6 +1179,19 @@ pub(crate) async fn concurrent_duplicate_usernames_have_one_winner(store: Arc<dy
 
 // ----- lifecycle -----
 
+/// The identity made with the schema names the cluster in Redis: it must look the same to
+/// every reader, every time (and survive restarts, see `everything_survives_a_restart`).
+pub(crate) async fn the_cluster_id_is_32_hex_chars_and_stable(store: &dyn Store) {
+    let id = store.cluster_id().await.expect("cluster id");
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(
+        id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+        "{id}"
+    );
+    create(store, "alice").await;
+    assert_eq!(store.cluster_id().await.expect("cluster id again"), id);
+}
+
 pub(crate) async fn closed_store_is_unavailable(store: &dyn Store) {
     let alice = create(store, "alice").await;
     store.close().await.unwrap();
@@ -1198,6 +1211,7 @@ where
 {
     let store = open().await;
     let s = store.as_ref();
+    let cluster_id = s.cluster_id().await.unwrap();
     let alice = create(s, "alice").await;
     let bob = create(s, "bob").await;
     let gone = create(s, "gone").await;
@@ -1217,6 +1231,7 @@ where
 
     let store = open().await;
     let s = store.as_ref();
+    assert_eq!(s.cluster_id().await.unwrap(), cluster_id);
     assert_eq!(
         s.account_by_username("alice").await.unwrap().unwrap().user,
         alice
@@ -1278,6 +1293,7 @@ macro_rules! for_each_backend {
                 group_changes_follow_admin_rules,
                 create_group_checks_users_and_size,
                 leaving_hands_admin_to_the_longest_standing_member,
+                the_cluster_id_is_32_hex_chars_and_stable,
                 closed_store_is_unavailable,
             ],
             shared: [
@@ -1497,7 +1513,7 @@ pub(crate) mod postgres_backend {
                  $(ls /etc/postgresql) main start\n\
                  or install it: apt-get install -y postgresql, or point \
                  MESSENGER_TEST_POSTGRES_URL at a server where the user may CREATE DATABASE \
-                 (.ci/services does all of this)."
+                 (script/test does all of this)."
             ),
         };
         tokio::spawn(connection);
@@ -1628,10 +1644,52 @@ pub(crate) mod postgres_backend {
             applied.push(run.await.expect("task").expect("migrate"));
         }
         applied.sort_unstable();
-        assert_eq!(applied, [0, 0, 0, 0, 0, 1]);
+        // One run applied every version (V1 and on); the five others found nothing to do.
+        assert_eq!(applied[..5], [0, 0, 0, 0, 0]);
+        assert!(applied[5] >= 2, "{applied:?}");
         let store = db.open(options()).await;
         super::create(store.as_ref(), "alice").await;
         store.close().await.expect("close");
+    }
+
+    /// Each database is its own cluster: a fresh one gets a fresh id, the table refuses a
+    /// second identity, and a database made before the identity existed (V1 only) gets one
+    /// when migrated in place, keeping its data.
+    #[tokio::test]
+    async fn each_database_has_one_cluster_id_and_an_old_one_gains_it_in_place() {
+        let (one, two) = (TestDb::create().await, TestDb::create().await);
+        let (a, b) = (one.open(options()).await, two.open(options()).await);
+        let id = a.cluster_id().await.expect("id");
+        assert_ne!(id, b.cluster_id().await.expect("id"));
+        b.close().await.expect("close");
+        drop(two);
+
+        let alice = super::create(a.as_ref(), "alice").await;
+        let (client, connection) = one.config.connect(NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        let second = client
+            .batch_execute("INSERT INTO cluster_identity (id) VALUES (repeat('a', 32))")
+            .await;
+        assert!(second.is_err(), "a second identity row was accepted");
+        // Back to a V1 database, as one created before this migration existed.
+        client
+            .batch_execute(
+                "DROP TABLE cluster_identity; \
+                 DELETE FROM refinery_schema_history WHERE version = 2",
+            )
+            .await
+            .expect("undo V2");
+        a.close().await.expect("close");
+        let applied = super::super::postgres::migrate(&one.config, Duration::from_secs(5))
+            .await
+            .expect("upgrade in place");
+        assert_eq!(applied, 1);
+        let upgraded = one.open(options()).await;
+        let new_id = upgraded.cluster_id().await.expect("id after upgrade");
+        assert_eq!(new_id.len(), 32);
+        let found = upgraded.account_by_id(alice.id).await.expect("read");
+        assert_eq!(found.map(|a| a.user), Some(alice));
+        upgraded.close().await.expect("close");
     }
 
     #[tokio::test]

@@ -217,12 +217,28 @@ pub trait Store: Send + Sync + 'static {
 
     // ----- lifecycle -----
 
+    /// The identity created with the schema (32 lowercase hex characters, never changes): the
+    /// nodes sharing this store are one cluster, and this names it in Redis.
+    async fn cluster_id(&self) -> StoreResult<String>;
+
     /// Whether the store can serve requests now (for `/readyz`): `Unavailable` when it is
     /// closed or its database cannot be reached within the configured timeout.
     async fn health(&self) -> StoreResult<()>;
 
     /// Commits whatever is pending and stops background work; later calls get `Unavailable`.
     async fn close(&self) -> StoreResult<()>;
+}
+
+/// Checks an identity read back from the `cluster_identity` table, so a hand-edited row can
+/// never name a Redis keyspace it was not meant to.
+pub(crate) fn valid_cluster_id(id: String) -> StoreResult<String> {
+    if id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(id)
+    } else {
+        Err(StoreError::Backend(format!(
+            "cluster_identity.id {id:?} is not 32 lowercase hex characters"
+        )))
+    }
 }
 
 /// The one place store errors become wire errors.

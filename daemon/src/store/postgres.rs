@@ -31,6 +31,10 @@ use crate::model::{
     NewMessage, Recipient, Seq, Session, StoredMessage, UnixMillis, User, UserId, now_millis,
 };
 
+mod outage;
+
+use outage::{Failure, Outage, cause};
+
 mod embedded {
     refinery::embed_migrations!("../migrations/postgres");
 }
@@ -69,6 +73,8 @@ pub struct PostgresStore {
     pool: std::sync::RwLock<Option<Pool<Manager>>>,
     timeout: Duration,
     closed: AtomicBool,
+    /// Shared with the pool's connections and error sink: they see the failures too.
+    outage: Arc<Outage>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -151,8 +157,10 @@ impl PostgresStore {
                 tracing::info!(applied, "postgres migrations applied");
             }
         }
+        let outage = Arc::new(Outage::default());
         let manager = Manager {
             inner: PostgresConnectionManager::new(config, NoTls),
+            outage: outage.clone(),
         };
         let pool = Pool::builder()
             .max_size(options.pool_size.max(1))
@@ -161,12 +169,13 @@ impl PostgresStore {
             // again and again: check each one before use and replace the broken ones.
             .test_on_check_out(true)
             .retry_connection(true)
-            .error_sink(Box::new(LogErrors))
+            .error_sink(Box::new(LogErrors(outage.clone())))
             .build_unchecked(manager);
         Ok(PostgresStore {
             pool: std::sync::RwLock::new(Some(pool)),
             timeout,
             closed: AtomicBool::new(false),
+            outage,
         })
     }
 
@@ -185,13 +194,27 @@ impl PostgresStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
             .ok_or_else(closed)?;
-        pool.get_owned().await.map_err(|e| match e {
-            bb8::RunError::TimedOut => StoreError::Unavailable(format!(
-                "no PostgreSQL connection within {:?}",
-                self.timeout
-            )),
-            bb8::RunError::User(e) => unavailable(&e),
-        })
+        match pool.get_owned().await {
+            // Checked on the way out (`test_on_check_out`): the database answered.
+            Ok(conn) => {
+                self.outage.succeeded();
+                Ok(conn)
+            }
+            Err(bb8::RunError::TimedOut) => {
+                let mut why = format!("no PostgreSQL connection within {:?}", self.timeout);
+                if let Some(last) = self.outage.last_cause() {
+                    why.push_str(" (last error: ");
+                    why.push_str(&last);
+                    why.push(')');
+                }
+                self.outage.failed(Failure::Operation, &why);
+                Err(StoreError::Unavailable(why))
+            }
+            Err(bb8::RunError::User(e)) => {
+                self.outage.failed(Failure::Operation, &cause(&e));
+                Err(unavailable(&e))
+            }
+        }
     }
 }
 
@@ -206,11 +229,13 @@ fn closed() -> StoreError {
 pub struct PgConn {
     client: tokio_postgres::Client,
     statements: HashMap<&'static str, Statement>,
+    outage: Arc<Outage>,
 }
 
 #[derive(Debug)]
 struct Manager {
     inner: PostgresConnectionManager<NoTls>,
+    outage: Arc<Outage>,
 }
 
 impl bb8::ManageConnection for Manager {
@@ -221,6 +246,7 @@ impl bb8::ManageConnection for Manager {
         Ok(PgConn {
             client: self.inner.connect().await?,
             statements: HashMap::new(),
+            outage: self.outage.clone(),
         })
     }
 
@@ -233,16 +259,18 @@ impl bb8::ManageConnection for Manager {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct LogErrors;
+/// The pool's failed connection attempts (it retries on its own while a request waits):
+/// into the outage log, not one line each.
+#[derive(Debug, Clone)]
+struct LogErrors(Arc<Outage>);
 
 impl bb8::ErrorSink<tokio_postgres::Error> for LogErrors {
     fn sink(&self, error: tokio_postgres::Error) {
-        tracing::warn!(%error, "postgres connection failed");
+        self.0.failed(Failure::Connect, &cause(&error));
     }
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
-        Box::new(*self)
+        Box::new(self.clone())
     }
 }
 
@@ -250,6 +278,7 @@ impl bb8::ErrorSink<tokio_postgres::Error> for LogErrors {
 struct Db<'a, C> {
     client: &'a C,
     statements: &'a mut HashMap<&'static str, Statement>,
+    outage: &'a Outage,
 }
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
@@ -259,7 +288,7 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
-        let statement = self.client.prepare(sql).await.map_err(pg_error)?;
+        let statement = self.client.prepare(sql).await.map_err(|e| self.failed(e))?;
         self.statements.insert(sql, statement.clone());
         Ok(statement)
     }
@@ -269,7 +298,7 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         self.client
             .query(&statement, params)
             .await
-            .map_err(pg_error)
+            .map_err(|e| self.failed(e))
     }
 
     async fn query_opt(
@@ -281,7 +310,7 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         self.client
             .query_opt(&statement, params)
             .await
-            .map_err(pg_error)
+            .map_err(|e| self.failed(e))
     }
 
     async fn query_one(&mut self, sql: &'static str, params: Params<'_>) -> StoreResult<Row> {
@@ -306,17 +335,30 @@ impl<C: GenericClient + Sync> Db<'_, C> {
         self.client
             .execute(&statement, params)
             .await
-            .map_err(pg_error)
+            .map_err(|e| self.failed(e))
+    }
+
+    /// `pg_error`, and a lost database goes into the outage log.
+    fn failed(&self, e: tokio_postgres::Error) -> StoreError {
+        if is_outage(&e) {
+            self.outage.failed(Failure::Operation, &cause(&e));
+        }
+        pg_error(e)
     }
 }
 
 /// `Db` over the pooled connection itself (single statements, autocommit).
 macro_rules! db {
     ($conn:expr) => {{
-        let PgConn { client, statements } = &mut *$conn;
+        let PgConn {
+            client,
+            statements,
+            outage,
+        } = &mut *$conn;
         Db {
             client: &*client,
             statements,
+            outage: &**outage,
         }
     }};
 }
@@ -325,11 +367,16 @@ macro_rules! db {
 /// without committing rolls it back.
 macro_rules! begin {
     ($conn:expr, $tx:ident, $db:ident) => {
-        let PgConn { client, statements } = &mut *$conn;
+        let PgConn {
+            client,
+            statements,
+            outage,
+        } = &mut *$conn;
         let $tx = client.transaction().await.map_err(pg_error)?;
         let mut $db = Db {
             client: &$tx,
             statements,
+            outage: &**outage,
         };
     };
 }
@@ -338,7 +385,11 @@ macro_rules! begin {
 /// guards): a read-only REPEATABLE READ transaction.
 macro_rules! begin_snapshot {
     ($conn:expr, $tx:ident, $db:ident) => {
-        let PgConn { client, statements } = &mut *$conn;
+        let PgConn {
+            client,
+            statements,
+            outage,
+        } = &mut *$conn;
         let $tx = client
             .build_transaction()
             .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -349,6 +400,7 @@ macro_rules! begin_snapshot {
         let mut $db = Db {
             client: &$tx,
             statements,
+            outage: &**outage,
         };
     };
 }
@@ -382,15 +434,23 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
     false
 }
 
+/// Unavailable because the database itself is gone or refusing work, as opposed to one
+/// transaction losing a serialization race (which says nothing about the database's health).
+fn is_outage(e: &tokio_postgres::Error) -> bool {
+    is_unavailable(e)
+        && e.code() != Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+        && e.code() != Some(&SqlState::T_R_DEADLOCK_DETECTED)
+}
+
 fn unavailable(e: &tokio_postgres::Error) -> StoreError {
-    StoreError::Unavailable(format!("PostgreSQL: {e}"))
+    StoreError::Unavailable(format!("PostgreSQL: {}", cause(e)))
 }
 
 fn pg_error(e: tokio_postgres::Error) -> StoreError {
     if is_unavailable(&e) {
         unavailable(&e)
     } else {
-        StoreError::Backend(format!("PostgreSQL: {e}"))
+        StoreError::Backend(format!("PostgreSQL: {}", cause(&e)))
     }
 }
 
@@ -1364,6 +1424,13 @@ impl Store for PostgresStore {
         .collect()
     }
 
+    async fn cluster_id(&self) -> StoreResult<String> {
+        let mut conn = self.conn().await?;
+        let mut db = db!(conn);
+        let row = db.query_one("SELECT id FROM cluster_identity", &[]).await?;
+        super::valid_cluster_id(get(&row, 0)?)
+    }
+
     async fn health(&self) -> StoreResult<()> {
         let check = async {
             let mut conn = self.conn().await?;
@@ -1413,7 +1480,14 @@ mod tests {
                 .expect("connect must fail")
         });
         assert!(is_unavailable(&refused), "{refused}");
-        assert!(matches!(pg_error(refused), StoreError::Unavailable(_)));
+        assert!(is_outage(&refused), "{refused}");
+        // The driver's own text is only "error connecting to server"; the log needs why.
+        let why = cause(&refused);
+        assert!(why.to_lowercase().contains("refused"), "{why}");
+        match pg_error(refused) {
+            StoreError::Unavailable(message) => assert!(message.contains(&why), "{message}"),
+            other => panic!("not unavailable: {other:?}"),
+        }
     }
 
     #[test]

@@ -1775,6 +1775,19 @@ impl Store for SqliteStore {
         self.read(move |c| groups_of(c, user)).await
     }
 
+    async fn cluster_id(&self) -> StoreResult<String> {
+        let id = self
+            .read(|conn| {
+                Ok(
+                    conn.query_row("SELECT id FROM cluster_identity", [], |row| {
+                        row.get::<_, String>(0)
+                    })?,
+                )
+            })
+            .await?;
+        super::valid_cluster_id(id)
+    }
+
     async fn health(&self) -> StoreResult<()> {
         // A real read: a database file that became unreadable must fail the check.
         self.read(|conn| {

@@ -30,7 +30,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::checker::{self, CheckReport, ReceiverLog, SenderLog, Target, new_histogram};
+use crate::checker::{self, CheckReport, Node, ReceiverLog, SenderLog, Target, new_histogram};
+use crate::ledger::Ledger;
 use crate::payload::Stamp;
 use crate::stats::{self, ErrorCounts, LatencySummary, ProcSample};
 
@@ -122,6 +123,10 @@ pub(crate) struct Shared {
     warmup_ns: u64,
     accepted: AtomicU64,
     delivered: AtomicU64,
+    /// Owed (message, recipient) pairs not arrived yet: the drain waits on it.
+    ledger: Ledger,
+    /// A peer is one server, not a cluster node.
+    node: Node,
     errors: Mutex<ErrorCounts>,
 }
 
@@ -133,6 +138,8 @@ impl Shared {
             warmup_ns: warmup.as_nanos() as u64,
             accepted: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            ledger: Ledger::new(),
+            node: Node::from(""),
             errors: Mutex::new(ErrorCounts::new()),
         })
     }
@@ -186,7 +193,12 @@ impl Inbox {
         }
         let latency_us = (now_ns.saturating_sub(stamp.intended_ns) / 1000).clamp(1, 3_600_000_000);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.log.arrived(stamp.sender, stamp.seq, latency_us) {
+        let me = st.log.recipient;
+        self.shared.ledger.arrived(me, stamp.sender, stamp.seq);
+        if st
+            .log
+            .arrived(stamp.sender, stamp.seq, latency_us, &self.shared.node)
+        {
             self.shared.delivered.fetch_add(1, Ordering::Relaxed);
             if stamp.intended_ns >= self.shared.warmup_ns {
                 st.measured += 1;
@@ -334,9 +346,7 @@ pub(crate) async fn drive<P: Peer>(
     }
 
     let drain_until = Instant::now() + params.drain;
-    while shared.delivered.load(Ordering::Relaxed) < shared.accepted.load(Ordering::Relaxed)
-        && Instant::now() < drain_until
-    {
+    while shared.ledger.outstanding() > 0 && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(SETTLE).await;
@@ -356,7 +366,7 @@ pub(crate) async fn drive<P: Peer>(
         measured_delivered += st.measured;
         receiver_logs.push(st.log);
     }
-    let (check, _) = checker::check(&sender_logs, &receiver_logs, &[]);
+    let (check, _) = checker::check(shared.run, &sender_logs, &receiver_logs, &[]);
 
     let secs = window.as_secs_f64();
     let cpu = |a: Option<ProcSample>, b: Option<ProcSample>| match (a, b) {
@@ -447,7 +457,8 @@ async fn send_loop<S: PeerSender>(
         .encode(body_size);
         match tokio::time::timeout(SEND_TIMEOUT, sender.send(to, seq, body)).await {
             Ok(Ok(())) => {
-                log.accepted.push((seq, Target::User(to)));
+                log.accepted(seq, Target::User(to), &shared.node);
+                shared.ledger.sent(me, seq, &[to]);
                 shared.accepted.fetch_add(1, Ordering::Relaxed);
                 if intended_ns >= shared.warmup_ns {
                     in_window += 1;

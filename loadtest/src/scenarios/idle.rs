@@ -20,7 +20,7 @@ pub async fn run(params: &Params, connections: u32) -> anyhow::Result<Outcome> {
     let harness_after = stats::sample(std::process::id());
 
     let mut meter = Meter::start(params.daemon_pid);
-    let bar = super::progress_bar(params.progress, params.duration);
+    let bar = super::progress_bar(params.progress, params.duration.as_millis() as u64);
     let stop = tokio_util::sync::CancellationToken::new();
     let mut watchers = Vec::new();
     for mut m in members {

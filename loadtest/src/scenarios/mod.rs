@@ -7,7 +7,8 @@ pub mod idle;
 pub mod mixed;
 pub mod storm;
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use messenger_protocol::client::Recipient;
@@ -15,6 +16,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 
 use crate::checker::{self, CheckReport, Target};
+pub use crate::drive::Sender;
 use crate::drive::{self, Pace, Run};
 use crate::fleet::{ConnectStats, FleetOptions, Member};
 use crate::stats::{self, LatencySummary, ProcSample, ResourceUse};
@@ -25,21 +27,25 @@ pub struct Params {
     pub fleet: FleetOptions,
     /// Total messages per second over all senders (open loop); `None`: closed loop.
     pub rate: Option<f64>,
+    /// How long senders send; with `messages_per_sender`, only an upper limit.
     pub duration: Duration,
+    /// When set, each sender sends exactly this many messages (accepted or failed) and the
+    /// run ends once every sender is done: traffic bounded by count, not by time.
+    pub messages_per_sender: Option<u64>,
+    /// When set, every accepted message of the run is also counted here, so a caller can act
+    /// on progress — inject a fault after K accepted messages — instead of after N seconds.
+    /// Give each run a fresh counter (or read it relative to its value at the start).
+    pub accepted: Option<Arc<AtomicU64>>,
+    /// A stamp of another run that the server stored at or after this wall-clock time (ms
+    /// since the Unix epoch) is a cross-delivery, counted as `foreign`; earlier ones are
+    /// leftovers of earlier runs (`stale`). Default: when the run begins. A caller whose
+    /// accounts are fresh (a new database) passes `Some(0)`: any other run's stamp crossed over.
+    pub foreign_since_unix_ms: Option<i64>,
     pub warmup: Duration,
     pub drain: Duration,
     pub body_size: usize,
     pub daemon_pid: Option<u32>,
     pub progress: bool,
-}
-
-/// One sender's part of a plan.
-pub struct Sender {
-    pub sender: u32,
-    pub target: Target,
-    pub to: Recipient,
-    /// Deliveries each accepted message owes (recipients other than the sender).
-    pub owes: u64,
 }
 
 /// What a scenario measured.
@@ -151,7 +157,13 @@ pub async fn run_messaging(
     plan: Vec<Sender>,
     groups: Vec<Vec<u32>>,
 ) -> anyhow::Result<Outcome> {
-    let run = Run::new(params.body_size, params.warmup);
+    let run = Arc::new(
+        Run::new(params.body_size, params.warmup)
+            .messages_per_sender(params.messages_per_sender)
+            .accepted_into(params.accepted.clone())
+            .foreign_since(params.foreign_since_unix_ms),
+    );
+    let accepted_base = run.accepted.load(Ordering::Relaxed);
     let senders = plan.len().max(1) as f64;
     let pace = match params.rate {
         Some(total) => Pace::Open(total / senders),
@@ -175,26 +187,27 @@ pub async fn run_messaging(
         let Some(conn) = conns.get(&s.sender).cloned() else {
             continue;
         };
-        sender_tasks.push(tokio::spawn(drive::send_loop(
-            run.clone(),
-            conn,
-            s.sender,
-            s.target,
-            s.to,
-            s.owes,
-            pace,
-        )));
+        sender_tasks.push(tokio::spawn(drive::send_loop(run.clone(), conn, s, pace)));
     }
     drop(conns);
 
-    let bar = progress_bar(params.progress, params.duration);
+    let planned = params
+        .messages_per_sender
+        .map(|n| n * sender_tasks.len() as u64);
+    let bar = match planned {
+        Some(total) => progress_bar(params.progress, total),
+        None => progress_bar(params.progress, params.duration.as_millis() as u64),
+    };
     let mut meter = Meter::start(params.daemon_pid);
     let mut measured_start = None;
-    let mut measured_accepted = 0;
+    let mut measured_accepted = accepted_base;
     let mut measured_delivered = 0;
     let start = Instant::now();
     while start.elapsed() < params.duration {
         tokio::time::sleep(Duration::from_millis(250)).await;
+        if planned.is_some() && sender_tasks.iter().all(|t| t.is_finished()) {
+            break;
+        }
         if measured_start.is_none() && start.elapsed() >= params.warmup {
             measured_start = Some(Instant::now());
             measured_accepted = run.accepted.load(Ordering::Relaxed);
@@ -203,11 +216,15 @@ pub async fn run_messaging(
         }
         meter.tick();
         if let Some(b) = &bar {
-            b.set_position(start.elapsed().as_millis() as u64);
-            b.set_message(progress_line(&run, start.elapsed()));
+            b.set_position(match planned {
+                Some(_) => run.accepted.load(Ordering::Relaxed) - accepted_base,
+                None => start.elapsed().as_millis() as u64,
+            });
+            b.set_message(progress_line(&run, accepted_base, start.elapsed()));
         }
     }
-    let measured = measured_start.map_or(Duration::from_millis(1), |s| s.elapsed());
+    // A count-bounded run may end before its warm-up did: then the whole run is measured.
+    let measured = measured_start.unwrap_or(start).elapsed();
     let accepted_in_window = run.accepted.load(Ordering::Relaxed) - measured_accepted;
     let delivered_in_window = run.delivered.load(Ordering::Relaxed) - measured_delivered;
     let (harness, daemon) = meter.finish();
@@ -227,7 +244,7 @@ pub async fn run_messaging(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let (check, completion) = checker::check(&sender_logs, &receiver_logs, &groups);
+    let (check, completion) = checker::check(run.id, &sender_logs, &receiver_logs, &groups);
     let latency = drive::merged_latency(&run);
     let timeline = run
         .timeline
@@ -245,7 +262,7 @@ pub async fn run_messaging(
         connections: users,
         measured_secs: secs,
         sent: run.sent.load(Ordering::Relaxed),
-        accepted: run.accepted.load(Ordering::Relaxed),
+        accepted: run.accepted.load(Ordering::Relaxed) - accepted_base,
         delivered: run.delivered.load(Ordering::Relaxed),
         accepted_per_s: accepted_in_window as f64 / secs,
         delivered_per_s: delivered_in_window as f64 / secs,
@@ -266,11 +283,12 @@ pub async fn run_messaging(
     })
 }
 
-pub fn progress_bar(enabled: bool, duration: Duration) -> Option<indicatif::ProgressBar> {
+/// A bar of `len` steps (milliseconds of a timed run, messages of a counted one).
+pub fn progress_bar(enabled: bool, len: u64) -> Option<indicatif::ProgressBar> {
     if !enabled {
         return None;
     }
-    let bar = indicatif::ProgressBar::new(duration.as_millis() as u64);
+    let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:20}] {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -278,7 +296,7 @@ pub fn progress_bar(enabled: bool, duration: Duration) -> Option<indicatif::Prog
     Some(bar)
 }
 
-fn progress_line(run: &Run, elapsed: Duration) -> String {
+fn progress_line(run: &Run, accepted_base: u64, elapsed: Duration) -> String {
     let secs = elapsed.as_secs_f64().max(1e-3);
     let p99 = run
         .timeline
@@ -292,7 +310,7 @@ fn progress_line(run: &Run, elapsed: Duration) -> String {
         .unwrap_or_else(|| "-".into());
     format!(
         "accepted {:.0}/s  delivered {:.0}/s  p99(last s) {p99}  errors {}",
-        run.accepted.load(Ordering::Relaxed) as f64 / secs,
+        (run.accepted.load(Ordering::Relaxed) - accepted_base) as f64 / secs,
         run.delivered.load(Ordering::Relaxed) as f64 / secs,
         run.errors
             .lock()
@@ -337,7 +355,7 @@ pub fn pair_plan(members: &[Member], first: u32, pairs: u32) -> Vec<Sender> {
                 sender: i,
                 target: Target::User(partner),
                 to: Recipient::User(partner_id),
-                owes: 1,
+                owed_to: vec![partner],
             })
         })
         .collect()
@@ -374,13 +392,12 @@ pub async fn group_plan(
             .conn()
             .create_group(&format!("{name}-{g}"), &others)
             .await?;
-        let owes = indices.len().saturating_sub(1) as u64;
         for &i in indices.iter().take(senders.max(1) as usize) {
             plan.push(Sender {
                 sender: i,
                 target: Target::Group(group_members.len() as u32),
                 to: Recipient::Group(group.group_id),
-                owes,
+                owed_to: indices.iter().copied().filter(|&m| m != i).collect(),
             });
         }
         group_members.push(indices);

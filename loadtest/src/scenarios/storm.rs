@@ -2,6 +2,7 @@
 //! (resume with their tokens, as after a node failure), replay their backlog and are checked.
 //! Reports the time until every client is fully caught up.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -9,9 +10,9 @@ use std::time::{Duration, Instant};
 use messenger_protocol::client::{Client, Event, Recipient};
 
 use super::{ConnectSummary, Meter, Outcome, Params};
-use crate::checker::{self, ReceiverLog, SenderLog, Target};
+use crate::checker::{self, Node, ReceiverLog, SenderLog, Target};
 use crate::drive::Run;
-use crate::payload::Stamp;
+use crate::payload::{Stamp, client_msg_id};
 use crate::stats::LatencySummary;
 
 /// Users sending the backlog; they are indices after the clients.
@@ -34,7 +35,11 @@ pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<
     }
     // 2. Feeders queue the backlog.
     let (feeders, _) = super::connect_members(params, clients, FEEDERS).await?;
-    let run = Run::new(params.body_size, Duration::ZERO);
+    let run = Arc::new(
+        Run::new(params.body_size, Duration::ZERO)
+            .accepted_into(params.accepted.clone())
+            .foreign_since(params.foreign_since_unix_ms),
+    );
     let targets: Arc<Vec<(u32, u64)>> = Arc::new(sessions.iter().map(|s| (s.0, s.1)).collect());
     let mut feeding = Vec::new();
     for (f, feeder) in feeders.into_iter().enumerate() {
@@ -46,12 +51,13 @@ pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<
                 ..SenderLog::default()
             };
             let conn = feeder.client.conn().clone();
+            let node = Node::from(conn.server_node());
             // A feeder receives its own copies; keep reading them so its responses never
             // queue behind unread pushes.
             let mut own = feeder.client;
             let reader = tokio::spawn(async move { while own.next_event().await.is_some() {} });
             let mut seq = 0;
-            for round in 0..backlog {
+            for _ in 0..backlog {
                 for (i, &(index, user_id)) in targets.iter().enumerate() {
                     if i % FEEDERS as usize != f {
                         continue;
@@ -64,7 +70,7 @@ pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<
                         intended_ns: run.now_ns(),
                     }
                     .encode(run.body_size);
-                    let id = format!("{:x}-s{}-{round}-{index}", run.id, feeder.index);
+                    let id = client_msg_id(run.id, feeder.index, seq);
                     match conn
                         .send_message(
                             Recipient::User(user_id),
@@ -74,7 +80,10 @@ pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<
                         )
                         .await
                     {
-                        Ok(_) => log.accepted.push((seq, Target::User(index))),
+                        Ok(_) => {
+                            log.accepted(seq, Target::User(index), &node);
+                            run.accepted.fetch_add(1, Ordering::Relaxed);
+                        }
                         Err(e) => {
                             log.failed += 1;
                             run.error(format!("feed: {e}"));
@@ -98,24 +107,23 @@ pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<
     let mut meter = Meter::start(params.daemon_pid);
     let start = Instant::now();
     let mut tasks = Vec::new();
-    let expected_each: Arc<std::collections::HashMap<u32, u64>> = Arc::new({
-        let mut m = std::collections::HashMap::new();
-        for l in &sender_logs {
-            for (_, t) in &l.accepted {
-                if let Target::User(u) = t {
-                    *m.entry(*u).or_insert(0u64) += 1;
-                }
+    // Each client reads until every pair owed to it arrived (by identity: an unconfirmed
+    // message that arrives too must not stand in for an owed one still on its way).
+    let mut owed_each: std::collections::HashMap<u32, HashSet<(u32, u64)>> =
+        std::collections::HashMap::new();
+    for l in &sender_logs {
+        for a in &l.accepted {
+            if let Target::User(u) = a.target {
+                owed_each.entry(u).or_default().insert((l.sender, a.seq));
             }
         }
-        m
-    });
+    }
     for (index, _, token, opts) in sessions {
         let run = run.clone();
-        let expected_each = expected_each.clone();
+        let mut owed = owed_each.remove(&index).unwrap_or_default();
         let limit = params.drain + params.duration;
         tasks.push(tokio::spawn(async move {
             let mut log = ReceiverLog::new(index);
-            let want = expected_each.get(&index).copied().unwrap_or(0);
             let t0 = Instant::now();
             let mut connected_at = None;
             let mut client = None;
@@ -136,27 +144,36 @@ pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<
             let Some(mut c) = client else {
                 return (log, None, None);
             };
+            let mut node = Node::from(c.conn().server_node());
             let deadline = Instant::now() + limit;
-            while (log.seen.len() as u64) < want && Instant::now() < deadline {
+            while !owed.is_empty() && Instant::now() < deadline {
                 match tokio::time::timeout(Duration::from_secs(1), c.next_event()).await {
                     Ok(Some(Event::Delivery(d))) => {
-                        let stamp = d.message.as_ref().and_then(|m| Stamp::decode(&m.body));
-                        if let Some(s) = stamp
-                            && s.run == run.id
-                            && log.arrived(s.sender, s.seq, 0)
+                        if let Some(m) = d.message.as_ref()
+                            && let Some(s) = Stamp::decode(&m.body)
                         {
-                            run.delivered.fetch_add(1, Ordering::Relaxed);
+                            if s.run != run.id {
+                                let during = run.stored_during(m.server_time_ms);
+                                log.other_run(s.sender, s.seq, &m.client_msg_id, during, &node);
+                            } else {
+                                owed.remove(&(s.sender, s.seq));
+                                if log.arrived(s.sender, s.seq, 0, &node) {
+                                    run.delivered.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
                         }
                     }
-                    Ok(Some(Event::Closed { .. })) | Ok(None)
-                        if c.reconnect_with_backoff(10).await.is_err() =>
-                    {
-                        break;
+                    Ok(Some(Event::Closed { .. })) | Ok(None) => {
+                        if c.reconnect_with_backoff(10).await.is_err() {
+                            break;
+                        }
+                        node = Node::from(c.conn().server_node());
                     }
                     _ => {}
                 }
             }
             let _ = c.ack_seen().await;
+            log.node = node;
             let done = t0.elapsed();
             c.close().await;
             (log, connected_at, Some(done))
@@ -178,7 +195,7 @@ pub async fn run(params: &Params, clients: u32, backlog: u32) -> anyhow::Result<
     let all_caught_up = start.elapsed();
     meter.tick();
     let (harness, daemon) = meter.finish();
-    let (check, _) = checker::check(&sender_logs, &receiver_logs, &[]);
+    let (check, _) = checker::check(run.id, &sender_logs, &receiver_logs, &[]);
     let reconnected = connect_hist.len();
     let mut outcome = Outcome {
         scenario: "storm".into(),

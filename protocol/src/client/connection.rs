@@ -304,6 +304,8 @@ struct Inner {
     next_id: AtomicU64,
     limits: pb::Limits,
     server: String,
+    /// The node id from `HelloOk` (empty without a cluster).
+    node: String,
     request_timeout: Duration,
     /// The smaller of our limit and the server's.
     max_out_frame: usize,
@@ -321,6 +323,7 @@ impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("server", &self.inner.server)
+            .field("node", &self.inner.node)
             .field("closed", &self.inner.shared.closed_reason())
             .finish_non_exhaustive()
     }
@@ -510,6 +513,7 @@ impl Connection {
             next_id: AtomicU64::new(2),
             limits,
             server: hello.server,
+            node: hello.node,
             request_timeout: opts.request_timeout,
             max_out_frame,
         });
@@ -521,7 +525,7 @@ impl Connection {
                 opts.request_timeout,
             ));
         }
-        debug!(addr = %opts.addr, server = %inner.server, "connected");
+        debug!(addr = %opts.addr, server = %inner.server, node = %inner.node, "connected");
         Ok((Connection { inner }, Events { rx: ev_rx }))
     }
 
@@ -533,6 +537,13 @@ impl Connection {
     /// The server software name and version from `HelloOk`.
     pub fn server(&self) -> &str {
         &self.inner.server
+    }
+
+    /// The id of the cluster node serving this connection, from `HelloOk`; empty when the
+    /// server is a single daemon without a cluster. Diagnostics only: it tells which node a
+    /// client was on when something went wrong.
+    pub fn server_node(&self) -> &str {
+        &self.inner.node
     }
 
     /// True once the connection has ended (for whatever reason).
