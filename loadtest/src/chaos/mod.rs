@@ -433,12 +433,11 @@ async fn direct_pairs(
     Ok(outcome)
 }
 
-/// Seconds of sending in a round: `--messages-per-round` at the rate, or enough to cover the
-/// lead-in, the fault and a tail.
+/// How long a round's sending takes at the nominal rate: `--messages-per-round` at the rate,
+/// or enough to cover the lead-in, the fault and a tail. The round itself is bounded by the
+/// message count this implies (see `params`), so a busy machine sends the same messages, later.
 fn traffic_time(opts: &SoakOptions, fault: Fault) -> Duration {
     match opts.messages_per_round {
-        // TODO(messages_per_sender): once `Params` bounds traffic by count, set it to
-        // messages / senders and keep this duration as the upper bound only.
         Some(messages) => Duration::from_secs_f64(messages as f64 / opts.rate),
         None => opts.lead_in + fault.span() + opts.tail,
     }
@@ -471,12 +470,19 @@ fn params(
             event_buffer: 1024,
         },
         rate: Some(opts.rate),
-        duration: traffic,
+        // Each sender sends its share of the round's messages; the duration is only a cap.
+        messages_per_sender: Some(
+            ((opts.rate * traffic.as_secs_f64()) / (2 * opts.pairs.max(1)) as f64).ceil() as u64,
+        ),
+        duration: traffic * 3 + Duration::from_secs(30),
         warmup: Duration::ZERO,
         drain: opts.drain,
         body_size: 100,
         daemon_pid: None,
         progress: false,
+        accepted: None,
+        // Accounts are reused across rounds: earlier rounds' stamps are stale leftovers.
+        foreign_since_unix_ms: None,
     }
 }
 
@@ -503,7 +509,7 @@ fn record(
         lost: c.lost,
         duplicated: c.duplicates,
         reordered: c.reordered,
-        misdelivered: c.misdelivered,
+        misdelivered: c.misdelivered + c.foreign,
         unconfirmed: c.unconfirmed,
         failed_sends: c.failed_sends,
         reconnects,
