@@ -1,66 +1,35 @@
 //! A throwaway `redis-server` per test (so a test can stop and restart it), on a free port in
-//! a temp dir; fails (never skips) when Redis is not installed.
+//! a temp dir; fails (never skips) when Redis is not installed. The server itself is the chaos
+//! soak's (`messenger_loadtest::chaos::cluster::Redis`): one place starts a Redis of our own.
 #![allow(dead_code)]
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(10);
+use messenger_loadtest::chaos::cluster::Redis;
 
 /// A `redis-server` on a free port in a temp dir, killed on drop.
 pub struct TestRedis {
-    pub port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+    redis: Redis,
+    _dir: tempfile::TempDir,
 }
 
 impl TestRedis {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut redis = Self {
-            port,
-            dir: tempfile::tempdir().expect("tempdir"),
-            child: None,
-        };
-        redis.spawn();
-        redis
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redis = Redis::start(dir.path().join("redis"))
+            .expect("redis-server runs (apt-get install -y redis-server)");
+        Self { redis, _dir: dir }
     }
 
+    /// Starts it again on the same port, empty (it keeps nothing on disk).
     pub fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (apt-get install -y redis-server)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.redis.start_again().expect("redis-server starts again");
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        self.redis.url()
     }
 
+    /// Kills it: connections are cut at once, as when the host dies.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        self.stop();
+        self.redis.stop();
     }
 }
