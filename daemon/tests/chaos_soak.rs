@@ -1,48 +1,20 @@
 //! A tiny chaos soak end to end with the real binaries: the single SQLite node killed under
 //! load, then a cluster node killed behind HAProxy. Every accepted message must arrive once
 //! and in order, and each fault must really have hit the clients.
+//!
+//! It lives with the daemon's tests so that Cargo builds this workspace's `messengerd` for it
+//! (`CARGO_BIN_EXE_messengerd`): never stale, and no nested `cargo build`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use messenger_loadtest::chaos::cluster::{LaunchOptions, PostgresChoice};
 use messenger_loadtest::chaos::faults::Fault;
 use messenger_loadtest::chaos::{self, SoakOptions};
 
-/// `messengerd` of this workspace, built into the same target dir as this test (test binaries
-/// live in `target/<profile>/deps/`). Cargo builds another crate's binary only for that
-/// crate's tests, so it is built here: a no-op when up to date, and never stale.
-fn messengerd() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let target_dir = profile_dir.parent().expect("target dir");
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build
-        .args(["build", "-p", "messenger-daemon", "--bin", "messengerd"])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cargo runs");
-    assert!(status.success(), "building messengerd failed");
-    let binary = profile_dir.join("messengerd");
-    assert!(
-        binary.exists(),
-        "{} missing after the build",
-        binary.display()
-    );
-    binary
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_single_node_and_a_killed_cluster_node_lose_and_duplicate_nothing() {
     let haproxy_cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/haproxy.cfg");
-    let mut launch = LaunchOptions::new(messengerd(), haproxy_cfg);
+    let mut launch = LaunchOptions::new(env!("CARGO_BIN_EXE_messengerd").into(), haproxy_cfg);
     // The tests' PostgreSQL (neither fault here stops it): the one every other test uses.
     launch.postgres = PostgresChoice::Server {
         admin_url: messenger_daemon::testing::postgres_admin_url(),
