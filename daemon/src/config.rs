@@ -725,6 +725,17 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_port_is_loopback_and_capped_by_default() {
+        let c = Config::default();
+        assert!(c.admin_listen.ip().is_loopback());
+        assert!(c.admin.max_connections > 0);
+        assert!(c.validate().is_ok());
+        let mut uncapped = c;
+        uncapped.admin.max_connections = 0;
+        assert!(uncapped.validate().is_err());
+    }
+
+    #[test]
     fn the_shipped_benchmark_configuration_is_valid() {
         let c: Config = toml::from_str(include_str!("../../loadtest/bench.toml")).expect("parse");
         assert!(c.validate().is_ok());

@@ -161,6 +161,8 @@ async fn under_a_low_open_file_limit_the_daemon_refuses_cleanly_instead_of_runni
     drop(burst);
 
     // A freed slot goes to the next client (once the daemon saw the close; bounded retries).
+    // Until the daemon has noticed the burst's closes too, its refusal slots may still be
+    // taken, and an attempt is then closed before TLS: a transport error, not a wire one.
     let leaving = served.pop().expect("one served");
     leaving.close().await;
     drop(leaving);
@@ -171,7 +173,10 @@ async fn under_a_low_open_file_limit_the_daemon_refuses_cleanly_instead_of_runni
                 back = Some(c);
                 break;
             }
-            Err(e) => assert_eq!(code(&e), Some(ErrorCode::Unavailable), "{e}"),
+            Err(e) => assert!(
+                matches!(code(&e), None | Some(ErrorCode::Unavailable)),
+                "{e}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
