@@ -135,10 +135,9 @@ async fn under_a_low_open_file_limit_the_daemon_refuses_cleanly_instead_of_runni
     }
     // ...and every one over it is told why, while the daemon still has descriptors to spare.
     for _ in 0..10 {
-        let e = Client::connect(options.clone())
-            .await
-            .err()
-            .expect("a connection over the cap was served");
+        let Err(e) = Client::connect(options.clone()).await else {
+            panic!("a connection over the cap was served");
+        };
         assert_eq!(code(&e), Some(ErrorCode::Unavailable), "{e}");
         assert!(e.to_string().contains(AT_CAPACITY), "{e}");
     }
