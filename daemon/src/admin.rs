@@ -3,12 +3,19 @@
 //! Never exposes user data. Every answer comes from memory (the store's health is probed in
 //! the background, see `readiness`), so a check answers within a second even while the store
 //! or Redis is down.
+//!
+//! No authentication, so it must stay off public interfaces (loopback by default; deploy/
+//! keeps it on the private network). Its descriptors are bounded so no client of it can
+//! starve the client port: at most `admin.max_connections` at once (more are answered 503
+//! and closed at once), each closed after `admin.idle_timeout_secs` without a request head
+//! and when a request's answer is not produced or not read within
+//! `admin.request_timeout_secs`. `fd_limit` counts the cap in the client port's headroom.
 
 mod readiness;
+mod write_deadline;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -16,20 +23,24 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::metrics;
+use crate::server::accept_errors::AcceptErrors;
 use crate::state::Shared;
 use readiness::StoreHealth;
+use write_deadline::WriteDeadline;
 
-/// A client that has not sent its request headers by then is dropped, so a stuck or slow
-/// client cannot keep a connection (and a balancer's check slot) forever.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// What a client over the cap gets, if its socket takes it at once.
+const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: 37\r\n\r\nadmin port at capacity; retry later\r\n";
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
     let (health, prober) = StoreHealth::spawn(shared.store.clone(), shutdown.clone());
+    let slots = Arc::new(Semaphore::new(shared.config.admin.max_connections));
+    let mut errors = AcceptErrors::new("admin");
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -38,27 +49,57 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
                 return;
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    errors.succeeded();
+                    stream
+                }
                 Err(e) => {
-                    debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    errors.failed(&e).await;
                     continue;
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::connection_refused("admin_max_connections");
+            // Never waits: a client that does not take the answer at once just sees the close.
+            let _ = stream.try_write(AT_CAPACITY);
+            continue;
+        };
         let shared = shared.clone();
         let health = health.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| respond(req, shared.clone(), health.clone()));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(error = %e, "admin connection");
-            }
+            let _slot = slot;
+            serve_connection(stream, shared, health).await;
         });
+    }
+}
+
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, health: StoreHealth) {
+    let admin = shared.config.admin.clone();
+    let request_timeout = admin.request_timeout();
+    let service = service_fn(move |req| {
+        let answer = respond(req, shared.clone(), health.clone());
+        async move {
+            match tokio::time::timeout(request_timeout, answer).await {
+                Ok(answered) => answered,
+                Err(_) => Ok(plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "no answer in time\n".to_string(),
+                )),
+            }
+        }
+    });
+    let io = TokioIo::new(WriteDeadline::new(stream, request_timeout));
+    // hyper starts the header timer whenever it waits for a request head, so it is both the
+    // slow-headers bound and the keep-alive idle bound.
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(admin.idle_timeout())
+        .serve_connection(io, service)
+        .await
+    {
+        debug!(error = %e, "admin connection");
     }
 }
 
@@ -84,12 +125,16 @@ async fn respond(
             "not found\n".to_string(),
         ),
     };
+    Ok(plain(status, content_type, body))
+}
+
+fn plain(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
-    Ok(resp)
+    resp
 }
 
 /// Ready when the store answers and, in a cluster, Redis answered the last heartbeat and the

@@ -15,8 +15,11 @@ use serde::Deserialize;
 pub struct Config {
     /// Address of the client port (TLS; native protocol).
     pub listen: SocketAddr,
-    /// Address of the admin HTTP endpoint (/healthz, /metrics). Keep it private.
+    /// Address of the admin HTTP endpoint (/healthz, /readyz, /metrics). It has no
+    /// authentication: keep it on loopback or a private network, never a public interface.
     pub admin_listen: SocketAddr,
+    /// Caps and timeouts of the admin endpoint.
+    pub admin: AdminConfig,
     /// Directory for the embedded database and the generated development certificate.
     pub data_dir: PathBuf,
     pub log_format: LogFormat,
@@ -38,6 +41,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            admin: AdminConfig::default(),
             data_dir: PathBuf::from("messenger-data"),
             log_format: LogFormat::Text,
             tls: TlsConfig::default(),
@@ -81,7 +85,9 @@ pub struct Limits {
     pub max_group_members: usize,
     /// Most messages one history page returns.
     pub max_history_page: usize,
-    /// Most concurrent client connections.
+    /// Most concurrent client connections; 0 (the default) means as many as the open-file
+    /// limit allows after headroom for the store, Redis, the admin port and listeners. A
+    /// value above that is lowered to it, with a warning at start (see `fd_limit`).
     pub max_connections: usize,
     /// Most concurrent client connections from one IP address.
     pub max_connections_per_ip: usize,
@@ -104,7 +110,7 @@ impl Default for Limits {
             max_body_bytes: 64 * 1024,
             max_group_members: 5_000,
             max_history_page: 200,
-            max_connections: 200_000,
+            max_connections: 0,
             max_connections_per_ip: 256,
             messages_per_second: 50,
             message_burst: 200,
@@ -112,6 +118,41 @@ impl Default for Limits {
             auth_attempts_per_ip: 120,
             outbound_queue: 512,
         }
+    }
+}
+
+/// The admin endpoint answers balancers' health checks and scrapers from memory in
+/// milliseconds; anything holding a connection longer is stuck or hostile. Its connections
+/// are capped and timed out so they can never take the descriptors the client port needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Most concurrent admin connections; further ones are accepted and closed at once.
+    pub max_connections: usize,
+    /// A connection that has not sent a complete request head within this many seconds (of
+    /// connecting, or of its previous response: the keep-alive idle time) is closed.
+    pub idle_timeout_secs: u64,
+    /// A request whose answer is not produced, or not taken by the client, within this many
+    /// seconds closes its connection.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            idle_timeout_secs: 10,
+            request_timeout_secs: 10,
+        }
+    }
+}
+
+impl AdminConfig {
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
     }
 }
 
@@ -364,6 +405,13 @@ impl Config {
                 "cluster.heartbeat_secs must be > 0 and below cluster.node_ttl_secs".into(),
             );
         }
+        let a = &self.admin;
+        if a.max_connections == 0 || a.idle_timeout_secs == 0 || a.request_timeout_secs == 0 {
+            return Err(
+                "admin.max_connections, admin.idle_timeout_secs and admin.request_timeout_secs must be > 0"
+                    .into(),
+            );
+        }
         if self.store.postgres_pool_size == 0 {
             return Err("store.postgres_pool_size must be > 0".into());
         }
@@ -426,9 +474,18 @@ pub struct Overrides {
     /// Client port address (TLS) [default: 127.0.0.1:7443]
     #[arg(long, env = "MESSENGER_LISTEN", global = true)]
     pub listen: Option<SocketAddr>,
-    /// Admin HTTP address for /healthz and /metrics [default: 127.0.0.1:7480]
+    /// Admin HTTP address for /healthz, /readyz and /metrics; unauthenticated, keep it private [default: 127.0.0.1:7480]
     #[arg(long, env = "MESSENGER_ADMIN_LISTEN", global = true)]
     pub admin_listen: Option<SocketAddr>,
+    /// Most concurrent admin connections; more are closed at once [default: 64]
+    #[arg(long, env = "MESSENGER_ADMIN_MAX_CONNECTIONS", global = true)]
+    pub admin_max_connections: Option<usize>,
+    /// Seconds an admin connection may wait for its next request head [default: 10]
+    #[arg(long, env = "MESSENGER_ADMIN_IDLE_TIMEOUT", global = true)]
+    pub admin_idle_timeout: Option<u64>,
+    /// Seconds an admin request may take, answer written included [default: 10]
+    #[arg(long, env = "MESSENGER_ADMIN_REQUEST_TIMEOUT", global = true)]
+    pub admin_request_timeout: Option<u64>,
     /// Data directory (database, development certificate) [default: messenger-data]
     #[arg(long, env = "MESSENGER_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
@@ -494,7 +551,7 @@ pub struct Overrides {
     /// Most messages per history page or conversation list [default: 200]
     #[arg(long, env = "MESSENGER_MAX_HISTORY_PAGE", global = true)]
     pub max_history_page: Option<usize>,
-    /// Most concurrent connections [default: 200000]
+    /// Most concurrent client connections; 0 = as many as the open-file limit allows after headroom, and any value is lowered to that [default: 0]
     #[arg(long, env = "MESSENGER_MAX_CONNECTIONS", global = true)]
     pub max_connections: Option<usize>,
     /// Most concurrent connections per client IP [default: 256]
@@ -571,6 +628,12 @@ impl Overrides {
         }
         set(&mut c.listen, &self.listen);
         set(&mut c.admin_listen, &self.admin_listen);
+        set(&mut c.admin.max_connections, &self.admin_max_connections);
+        set(&mut c.admin.idle_timeout_secs, &self.admin_idle_timeout);
+        set(
+            &mut c.admin.request_timeout_secs,
+            &self.admin_request_timeout,
+        );
         set(&mut c.data_dir, &self.data_dir);
         set(&mut c.log_format, &self.log_format);
         if self.tls_cert.is_some() {
@@ -659,6 +722,17 @@ mod tests {
         let mut c = Config::default();
         c.limits.max_frame_bytes = c.limits.max_body_bytes;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_admin_port_is_loopback_and_capped_by_default() {
+        let c = Config::default();
+        assert!(c.admin_listen.ip().is_loopback());
+        assert!(c.admin.max_connections > 0);
+        assert!(c.validate().is_ok());
+        let mut uncapped = c;
+        uncapped.admin.max_connections = 0;
+        assert!(uncapped.validate().is_err());
     }
 
     #[test]

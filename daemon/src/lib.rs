@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
+pub mod fd_limit;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

@@ -11,11 +11,6 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.load()?;
     init_logging(config.log_format);
-    // Every connection is a descriptor: use all the process may have (the hard limit).
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(limit = n, "open files limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,6 +107,15 @@ async fn run(config: messenger_daemon::Config) -> anyhow::Result<()> {
     );
     println!("  admin:       http://{}/metrics", server.admin_addr);
     println!("  store:       {db}");
+    let budget = &server.connections;
+    println!(
+        "  connections: at most {} clients (open-file limit {}, {} kept for store, admin and listeners)",
+        budget.cap,
+        budget
+            .open_files
+            .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
+        budget.headroom
+    );
     println!("  certificate: {}", server.cert_path.display());
     println!("  fingerprint: SHA256 {}", server.fingerprint);
     if let Some(ca) = &server.dev_ca {

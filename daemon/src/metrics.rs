@@ -18,6 +18,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const CONNECTIONS: &str = "messenger_connections";
 pub const CONNECTIONS_TOTAL: &str = "messenger_connections_accepted_total";
 pub const CONNECTIONS_REFUSED: &str = "messenger_connections_refused_total";
+pub const CONNECTION_CAP: &str = "messenger_connection_cap";
 pub const HANDSHAKE_FAILURES: &str = "messenger_tls_handshake_failures_total";
 pub const PROXY_HEADER_REJECTED: &str = "messenger_proxy_header_rejected_total";
 pub const FRAMES_IN: &str = "messenger_frames_in_total";
@@ -96,8 +97,13 @@ impl Metric {
     }
 }
 
-/// Reasons a connection is refused before TLS (`connection_refused`).
-const REFUSED_REASONS: &[&str] = &["max_connections", "max_connections_per_ip"];
+/// Reasons a connection is refused (`connection_refused`): the client port's effective cap,
+/// its per-IP cap, and the admin port's cap.
+const REFUSED_REASONS: &[&str] = &[
+    "max_connections",
+    "max_connections_per_ip",
+    "admin_max_connections",
+];
 /// `ProxyHeaderError::reason` values.
 const PROXY_REASONS: &[&str] = &[
     "timeout",
@@ -142,6 +148,10 @@ pub const ALL: &[Metric] = &[
         "Connections refused at accept, by reason.",
     )
     .label("reason", REFUSED_REASONS),
+    Metric::gauge(
+        CONNECTION_CAP,
+        "Client connections allowed at once: limits.max_connections, lowered to fit the open-file limit.",
+    ),
     Metric::counter(
         HANDSHAKE_FAILURES,
         "TLS handshakes that failed or timed out.",
@@ -323,6 +333,11 @@ pub fn connection_closed() {
 
 pub fn connection_refused(reason: &'static str) {
     counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+/// The effective client-connection cap, set once at start.
+pub fn connection_cap(cap: usize) {
+    gauge!(CONNECTION_CAP).set(cap as f64);
 }
 
 pub fn handshake_failed() {

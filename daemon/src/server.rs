@@ -1,7 +1,14 @@
 //! The listener: accepts TCP, reads the balancer's PROXY v2 header when configured, enforces
 //! connection limits, runs the TLS handshake with ALPN `messenger/1` under the handshake timeout, and hands each connection to a session task.
+//! The total cap is the effective one of [`ConnectionBudget`] (below the open-file limit), so
+//! connections over it are refused by us ([`at_capacity`]) rather than by `accept()` failing.
 //! Owns shutdown: stop accepting, tell every session to send `GoAway`, wait for the drain,
 //! close the store.
+
+pub(crate) mod accept_errors;
+mod at_capacity;
+
+pub use at_capacity::REASON as AT_CAPACITY;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::Config;
+use crate::fd_limit::{self, ConnectionBudget};
 use crate::limits::ConnectionsPerIp;
 use crate::metrics;
 use crate::proxy_protocol;
@@ -53,6 +61,8 @@ pub struct RunningServer {
     /// The development CA file, when the development certificate is in use.
     pub dev_ca: Option<PathBuf>,
     pub cert_path: PathBuf,
+    /// How many client connections this server takes at once, and why.
+    pub connections: ConnectionBudget,
     pub shared: Arc<Shared>,
     tls: Arc<Tls>,
     shutdown: CancellationToken,
@@ -76,6 +86,7 @@ impl RunningServer {
         store: Arc<dyn Store>,
     ) -> Result<Self, StartError> {
         metrics::install();
+        let connections = connection_budget(&config)?;
         let tls = Arc::new(Tls::load(&config)?);
         let listener =
             TcpListener::bind(config.listen)
@@ -112,6 +123,7 @@ impl RunningServer {
             listener,
             shared.clone(),
             tls.clone(),
+            connections.cap,
             shutdown.clone(),
             sessions.clone(),
         ));
@@ -127,6 +139,7 @@ impl RunningServer {
             fingerprint: tls.fingerprint(),
             dev_ca: tls.source.dev_ca.clone(),
             cert_path: tls.source.cert.clone(),
+            connections,
             shared,
             tls,
             shutdown,
@@ -175,6 +188,35 @@ impl RunningServer {
     }
 }
 
+/// Raises the open-file limit and sizes the client-connection cap below it; says so once.
+fn connection_budget(config: &Config) -> Result<ConnectionBudget, StartError> {
+    let budget = ConnectionBudget::for_config(config);
+    let limit = budget
+        .open_files
+        .map_or_else(|| "unknown".to_string(), |n| n.to_string());
+    if budget.cap == 0 {
+        return Err(StartError::Config(format!(
+            "the open-file limit ({limit}) leaves no descriptors for client connections after {} of headroom (store, Redis, admin.max_connections, listeners); raise it (LimitNOFILE= in the systemd unit, ulimit -n, docker --ulimit nofile=)",
+            budget.headroom
+        )));
+    }
+    info!(
+        open_file_limit = %limit,
+        headroom = budget.headroom,
+        configured = budget.configured,
+        cap = budget.cap,
+        "client connection cap"
+    );
+    if budget.clamped() {
+        warn!(
+            "limits.max_connections = {} is above what the open-file limit {limit} allows; serving at most {} client connections ({} descriptors kept for the store, Redis, the admin port and listeners). Raise the hard limit (LimitNOFILE= in the systemd unit, ulimit -n, docker --ulimit nofile=) or set limits.max_connections = 0 (auto)",
+            budget.configured, budget.cap, budget.headroom
+        );
+    }
+    metrics::connection_cap(budget.cap);
+    Ok(budget)
+}
+
 fn local_addr(listener: &TcpListener, wanted: SocketAddr) -> Result<SocketAddr, StartError> {
     listener.local_addr().map_err(|source| StartError::Bind {
         addr: wanted,
@@ -186,32 +228,42 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     tls: Arc<Tls>,
+    cap: usize,
     shutdown: CancellationToken,
     sessions: TaskTracker,
 ) {
-    let limits = &shared.config.limits;
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let per_ip = ConnectionsPerIp::new(limits.max_connections_per_ip);
-    let mut backoff = Duration::from_millis(5);
+    let connections = Arc::new(Semaphore::new(cap));
+    let refusals = Arc::new(Semaphore::new(fd_limit::REFUSAL_SLOTS));
+    let per_ip = ConnectionsPerIp::new(shared.config.limits.max_connections_per_ip);
+    let mut errors = accept_errors::AcceptErrors::new("client");
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => {
-                    backoff = Duration::from_millis(5);
+                    errors.succeeded();
                     a
                 }
                 Err(e) => {
-                    // Usually EMFILE: back off instead of spinning; connections will free up.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    errors.failed(&e).await;
                     continue;
                 }
             },
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             metrics::connection_refused("max_connections");
+            // Told why when a refusal slot is free; otherwise closed before TLS (dropping it).
+            if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                debug!(%peer, "refusing: at the connection cap");
+                sessions.spawn(at_capacity::refuse(
+                    shared.clone(),
+                    tls.clone(),
+                    tcp,
+                    peer,
+                    shutdown.clone(),
+                    slot,
+                ));
+            }
             continue;
         };
         let shared = shared.clone();

@@ -350,3 +350,100 @@ fn the_systemd_unit_is_valid_and_hardened() {
         "systemd-analyze verify:\n{text}"
     );
 }
+
+/// The admin port (no authentication) must never be reachable from outside the private
+/// network: no file publishes it on a host or opens it to arbitrary sources.
+#[test]
+fn no_deploy_file_publishes_the_admin_port() {
+    const ADMIN: &str = "7480";
+
+    // Compose: no service publishes it (nodes publish nothing at all).
+    let compose = yaml("docker-compose.yml");
+    let services = compose
+        .get("services")
+        .and_then(Value::as_mapping)
+        .expect("services");
+    for (name, service) in services {
+        let name = name.as_str().unwrap_or("?");
+        let ports: Vec<String> = service
+            .get("ports")
+            .and_then(Value::as_sequence)
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| match p {
+                        Value::String(s) => s.clone(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if name.starts_with("node") {
+            assert!(ports.is_empty(), "{name} publishes {ports:?}");
+        }
+        assert!(
+            !ports.iter().any(|p| p.contains(ADMIN)),
+            "{name} publishes the admin port: {ports:?}"
+        );
+    }
+
+    // Docker: the image keeps it on the container's loopback and does not EXPOSE it.
+    let dockerfile = read("Dockerfile");
+    assert!(
+        dockerfile.contains("MESSENGER_ADMIN_LISTEN=127.0.0.1:7480"),
+        "the image's admin port is not on loopback"
+    );
+    for line in dockerfile.lines().filter(|l| l.starts_with("EXPOSE")) {
+        assert!(!line.contains(ADMIN), "Dockerfile: {line}");
+    }
+
+    // systemd: the unit itself never moves it to all interfaces.
+    let unit = read("messengerd.service");
+    assert!(
+        !unit
+            .lines()
+            .any(|l| !l.trim_start().starts_with('#') && l.contains("MESSENGER_ADMIN_LISTEN")),
+        "messengerd.service sets the admin address"
+    );
+
+    // Cloud: every firewall rule that opens the admin port admits only Google's checkers.
+    let health_checkers = [
+        "35.191.0.0/16",
+        "130.211.0.0/22",
+        "209.85.152.0/22",
+        "209.85.204.0/22",
+    ];
+    let template = read("gcp/messenger.jinja");
+    let mut opening = 0;
+    for resource in template.split("\n- name: ").skip(1) {
+        // Comments may name the port; only the rule itself counts.
+        let resource: String = resource
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if !resource.contains("type: compute.v1.firewall") || !resource.contains(ADMIN) {
+            continue;
+        }
+        opening += 1;
+        let sources: Vec<&str> = resource
+            .split("sourceRanges:")
+            .nth(1)
+            .map(|rest| {
+                rest.lines()
+                    .skip(1)
+                    .map(str::trim)
+                    .take_while(|l| l.starts_with("- "))
+                    .map(|l| l.trim_start_matches("- "))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            !sources.is_empty() && sources.iter().all(|s| health_checkers.contains(s)),
+            "a firewall rule opens the admin port to {sources:?}:\n{resource}"
+        );
+    }
+    assert_eq!(
+        opening, 1,
+        "exactly the health-check rule opens the admin port"
+    );
+}
