@@ -137,7 +137,7 @@ async fn run(config: messenger_daemon::Config) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => match server.reload_tls() {
-                Ok(()) => tracing::info!(fingerprint = %server.fingerprint, "TLS certificate reloaded"),
+                Ok(fingerprint) => tracing::info!(%fingerprint, "TLS certificate reloaded"),
                 Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
             },
         }

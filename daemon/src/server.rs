@@ -158,8 +158,8 @@ impl RunningServer {
         }
     }
 
-    /// Re-reads the TLS certificate and key (SIGHUP).
-    pub fn reload_tls(&self) -> Result<(), crate::tls::TlsError> {
+    /// Re-reads the TLS certificate and key (SIGHUP); returns the fingerprint now served.
+    pub fn reload_tls(&self) -> Result<String, crate::tls::TlsError> {
         self.tls.reload()
     }
 

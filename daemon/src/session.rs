@@ -20,6 +20,7 @@ use messenger_protocol::pb::{self, client_frame::Kind as Req, server_frame::Kind
 use messenger_protocol::{CodecError, ErrorCode, PROTOCOL_VERSION, WireError};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
@@ -30,7 +31,7 @@ use crate::delivery;
 use crate::hub::ConnHandle;
 use crate::limits::TokenBucket;
 use crate::metrics;
-use crate::model::{DeviceId, User};
+use crate::model::{DeviceId, User, now_millis};
 use crate::state::Shared;
 use crate::writer::{self, Outbound};
 
@@ -46,6 +47,9 @@ pub(crate) struct Authed {
     pub device: DeviceId,
     pub handle: Arc<ConnHandle>,
     pump: JoinHandle<()>,
+    /// When the session token expires (ms since the epoch, as told to the client): the
+    /// connection ends then, unless a resume elsewhere has already replaced it.
+    expires_at_ms: i64,
 }
 
 pub(crate) struct Session {
@@ -108,12 +112,15 @@ where
         );
         let (out, out_rx) = writer::channel(OUTBOUND_FRAMES, limits.max_frame_bytes);
         let closing = CancellationToken::new();
+        let (input, input_back) = oneshot::channel::<FramedRead<_, ServerCodec>>();
         let writer = tokio::spawn(
             writer::run(
                 wr,
                 out_rx,
                 shared.config.timeouts.write_stall(),
                 closing.clone(),
+                // The raw read half, without the frame buffer: the writer only drains it.
+                async move { input_back.await.ok().map(FramedRead::into_inner) },
             )
             .in_current_span(),
         );
@@ -123,6 +130,7 @@ where
                 out,
                 writer,
                 closing,
+                input,
             },
             shared,
             peer,
@@ -143,6 +151,9 @@ pub struct Transport<F> {
     pub writer: tokio::task::JoinHandle<()>,
     /// Cancelled by the writer when the peer stopped reading or the socket failed.
     pub closing: CancellationToken,
+    /// The session hands `frames` back here when it ends, so the writer can drain the input
+    /// after the last frame (see `writer::finish`).
+    pub input: oneshot::Sender<F>,
 }
 
 /// Runs the session over `transport` to its end (call inside the connection's span).
@@ -160,6 +171,7 @@ pub async fn drive<F>(
         out,
         writer,
         closing,
+        input,
     } = transport;
     let limits = &shared.config.limits;
     let mut session = Session {
@@ -178,8 +190,10 @@ pub async fn drive<F>(
     }
     session.sign_out();
     let Session { out, .. } = session;
-    // Closing the channel lets the writer flush what is queued (GoAway included) and end.
+    // Closing the channel lets the writer flush what is queued (GoAway included), half-close
+    // and drain the input it gets back here.
     drop(out);
+    let _ = input.send(frames);
     if tokio::time::timeout(shared.config.timeouts.shutdown_drain(), writer)
         .await
         .is_err()
@@ -278,10 +292,9 @@ impl Session {
         let mut idle_deadline = Instant::now() + timeouts.idle();
         loop {
             let kicked = self.kick_token();
-            let deadline = if self.auth.is_none() {
-                idle_deadline.min(auth_deadline)
-            } else {
-                idle_deadline
+            let deadline = match &self.auth {
+                None => idle_deadline.min(auth_deadline),
+                Some(a) => idle_deadline.min(expiry_deadline(a.expires_at_ms)),
             };
             let frame = tokio::select! {
                 biased;
@@ -314,18 +327,29 @@ impl Session {
                 }
                 _ = self.closing.cancelled() => return,
                 _ = tokio::time::sleep_until(deadline) => {
-                    if self.auth.is_none() && Instant::now() >= auth_deadline {
+                    let now = Instant::now();
+                    if self.auth.is_none() && now >= auth_deadline {
                         self.close_with(
                             ErrorCode::Unauthenticated,
                             "not authenticated before the authentication timeout",
                         )
                         .await;
-                    } else {
+                    } else if self
+                        .auth
+                        .as_ref()
+                        .is_some_and(|a| now_millis() >= a.expires_at_ms)
+                    {
+                        self.close_with(ErrorCode::Unauthenticated, "session expired; log in again")
+                            .await;
+                    } else if now >= idle_deadline {
                         self.close_with(
                             ErrorCode::Unavailable,
                             "idle timeout: nothing received; send Ping more often",
                         )
                         .await;
+                    } else {
+                        // A capped wait for a far expiry, or the wall clock lagging the timer.
+                        continue;
                     }
                     return;
                 }
@@ -378,8 +402,13 @@ impl Session {
                         acked,
                     },
                 )) => {
+                    // The expiry the client was told is the one enforced.
+                    let expires_at_ms = match &resp {
+                        Resp::Authenticated(a) => a.expires_at_ms,
+                        _ => i64::MAX,
+                    };
                     self.respond(request_id, Ok(resp)).await;
-                    self.sign_in(user, device, acked);
+                    self.sign_in(user, device, acked, expires_at_ms);
                 }
                 Ok((resp, After::Close(go_away))) => {
                     self.respond(request_id, Ok(resp)).await;
@@ -458,7 +487,13 @@ impl Session {
 
     /// Joins live delivery for `user`'s `device` and starts replaying its inbox after `acked`.
     /// Call after the `Authenticated` response is queued, so it precedes every `Delivery`.
-    pub fn sign_in(&mut self, user: User, device: DeviceId, acked: crate::model::Seq) {
+    pub fn sign_in(
+        &mut self,
+        user: User,
+        device: DeviceId,
+        acked: crate::model::Seq,
+        expires_at_ms: i64,
+    ) {
         self.sign_out();
         tracing::Span::current().record("user", user.username.as_str());
         info!(user = %user.username, device = %device, "authenticated");
@@ -480,6 +515,7 @@ impl Session {
             device,
             handle,
             pump,
+            expires_at_ms,
         });
     }
 
@@ -550,6 +586,14 @@ impl Session {
             CodecError::Io(e) => debug!(error = %e, "read failed"),
         }
     }
+}
+
+/// When to wake up for a token expiring at `expires_at_ms`; at most a day ahead, so a far
+/// expiry never overflows a timer (the session then just checks again).
+fn expiry_deadline(expires_at_ms: i64) -> Instant {
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    let left = u64::try_from(expires_at_ms.saturating_sub(now_millis())).unwrap_or(0);
+    Instant::now() + Duration::from_millis(left.min(DAY_MS))
 }
 
 fn error_kind(e: WireError) -> Resp {

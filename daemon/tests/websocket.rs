@@ -1,7 +1,8 @@
 //! The WebSocket bridge on the client port: TLS with ALPN `http/1.1`, `GET /start` upgraded
 //! to a WebSocket whose binary messages each carry one frame. The same session as native
-//! clients: they chat with each other. Refusals: text messages, oversized messages, foreign
-//! origins, and a peer that hangs up mid-frame harms nothing.
+//! clients: they chat with each other. Refusals: text messages, oversized messages, broken
+//! WebSocket frames (close 1002/1007), foreign origins, and a peer that hangs up mid-frame
+//! harms nothing.
 
 mod common;
 
@@ -277,6 +278,84 @@ async fn a_peer_hanging_up_mid_frame_harms_nothing() {
     ts.stop().await;
 }
 
+/// A TLS connection upgraded to a WebSocket by hand, for sending frames no library would.
+async fn raw_upgrade(ts: &TestServer) -> TlsStream<TcpStream> {
+    let mut stream = tls(ts).await.expect("tls");
+    let port = ts.server().addr.port();
+    stream
+        .write_all(
+            format!(
+                "GET /start HTTP/1.1\r\nHost: localhost:{port}\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+    // The 101 answer has no body; read exactly its head so no WebSocket byte is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut byte))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
+}
+
+/// Sends `frame` raw after the upgrade; returns the server's close code and reason.
+async fn close_after_raw(ts: &TestServer, frame: &[u8]) -> (CloseCode, String) {
+    let mut stream = raw_upgrade(ts).await;
+    stream.write_all(frame).await.expect("write");
+    stream.flush().await.expect("flush");
+    let mut ws =
+        WebSocketStream::from_raw_socket(stream, tungstenite::protocol::Role::Client, None).await;
+    closed(&mut ws).await
+}
+
+#[tokio::test]
+async fn websocket_protocol_errors_close_with_1002_and_bad_utf8_with_1007() {
+    let ts = TestServer::start().await;
+    // Masked frames use the all-zero mask, so their payload bytes stay readable here.
+    let cases: [(&str, &[u8], CloseCode); 5] = [
+        // A client frame must be masked (RFC 6455 §5.1).
+        ("unmasked", &[0x82, 0x02, 0xaa, 0xbb], CloseCode::Protocol),
+        (
+            "reserved opcode",
+            &[0x83, 0x80, 0, 0, 0, 0],
+            CloseCode::Protocol,
+        ),
+        (
+            "continuation without a start",
+            &[0x80, 0x80, 0, 0, 0, 0],
+            CloseCode::Protocol,
+        ),
+        (
+            "reserved bit",
+            &[0xc2, 0x80, 0, 0, 0, 0],
+            CloseCode::Protocol,
+        ),
+        (
+            "close reason not UTF-8",
+            &[0x88, 0x84, 0, 0, 0, 0, 0x03, 0xe8, 0xff, 0xfe],
+            CloseCode::Invalid,
+        ),
+    ];
+    for (what, frame, want) in cases {
+        let (code, reason) = close_after_raw(&ts, frame).await;
+        assert_eq!(code, want, "{what}: {reason}");
+    }
+    // Still serving everyone else.
+    let mut ws = ws(&ts, None).await.expect("upgrade");
+    hello(&mut ws).await;
+    ts.stop().await;
+}
+
 /// A plain HTTPS request on the client port, answered in full.
 async fn http(ts: &TestServer, request: &str) -> String {
     let mut stream = tls(ts).await.expect("tls");
@@ -303,6 +382,21 @@ async fn http_answers_carry_a_strict_policy_and_refuse_what_they_should() {
     assert!(
         lower.contains("x-content-type-options: nosniff"),
         "{missing}"
+    );
+    assert!(
+        lower.contains("strict-transport-security: max-age=31536000\r\n"),
+        "{missing}"
+    );
+    let page = http(
+        &ts,
+        "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.to_lowercase()
+            .contains("strict-transport-security: max-age=31536000\r\n"),
+        "{page}"
     );
     let post = http(
         &ts,

@@ -1,7 +1,7 @@
 //! Browsers on the client port (DESIGN §3). A TLS connection that negotiated ALPN `http/1.1`
 //! (or none) is HTTP: `GET /start` upgrades to a WebSocket carrying the native frames, one
 //! per binary message, into the same session as native clients; every other `GET` serves the
-//! embedded web client. Responses carry a strict Content-Security-Policy.
+//! embedded web client. Responses carry a strict Content-Security-Policy and HSTS.
 
 pub mod assets;
 mod socket;
@@ -226,7 +226,15 @@ fn origin_allowed(headers: &hyper::HeaderMap, allowed: &[String]) -> bool {
         .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
 }
 
+/// Browsers that reached the daemon over HTTPS once keep to HTTPS for a year. Without
+/// `includeSubDomains`: the daemon may share its host name with sites it does not speak for.
+pub const STRICT_TRANSPORT_SECURITY: &str = "max-age=31536000";
+
 fn secure(h: &mut hyper::HeaderMap) {
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static(STRICT_TRANSPORT_SECURITY),
+    );
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CONTENT_SECURITY_POLICY),

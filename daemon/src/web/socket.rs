@@ -2,9 +2,10 @@
 //! `ServerFrame` out (no length prefix), and the session above is the very one native
 //! connections run (same state machine, hub, limits and timeouts).
 //!
-//! Close codes say why the server ended the connection: the session's last word (an `Error`
-//! or `GoAway` frame not answering any request) picks it, or what the reader refused (a text
-//! message, an oversized one).
+//! Close codes say why the server ended the connection (RFC 6455 §7.4.1): the session's last
+//! word (an `Error` or `GoAway` frame not answering any request) picks it, or what the reader
+//! refused (a text message 1003, an oversized one 1009, a broken frame 1002, bad UTF-8 1007).
+//! After its close frame the connection ends as native ones do (`writer::finish`).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -19,10 +20,10 @@ use messenger_protocol::pb::{self, server_frame::Kind as Resp};
 use messenger_protocol::{CodecError, ErrorCode};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
@@ -49,12 +50,14 @@ where
     let close = CloseCell::default();
     let (out, rx) = writer::channel(OUTBOUND_FRAMES, max_frame_bytes);
     let closing = CancellationToken::new();
+    let (input, input_back) = oneshot::channel();
     let writer = tokio::spawn(write_loop(
         sink,
         rx,
         stall,
         closing.clone(),
         Arc::clone(&close),
+        input_back,
     ));
     Transport {
         frames: Frames {
@@ -64,6 +67,7 @@ where
         out,
         writer,
         closing,
+        input,
     }
 }
 
@@ -112,6 +116,22 @@ where
                         max: max_size,
                     })
                 }
+                // RFC 6455 §7.4.1: a frame that breaks the framing rules (unmasked, reserved
+                // bits or opcode, fragmented control frame, stray continuation) is 1002;
+                // non-UTF-8 text where UTF-8 is required (a text message, a close reason)
+                // is 1007. A peer that just hung up gets no close code: it cannot read one.
+                Err(WsError::Protocol(e))
+                    if !matches!(e, ProtocolError::ResetWithoutClosingHandshake) =>
+                {
+                    let reason = format!("WebSocket protocol error: {e}");
+                    self.refuse(CloseCode::Protocol, &reason);
+                    Err(CodecError::Io(std::io::Error::other(reason)))
+                }
+                Err(WsError::Utf8(_)) => {
+                    let reason = "invalid UTF-8 where text is required";
+                    self.refuse(CloseCode::Invalid, reason);
+                    Err(CodecError::Io(std::io::Error::other(reason)))
+                }
                 Err(e) => Err(CodecError::Io(std::io::Error::other(e))),
             }));
         }
@@ -124,6 +144,7 @@ async fn write_loop<S>(
     stall: Duration,
     closing: CancellationToken,
     close: CloseCell,
+    input: oneshot::Receiver<Frames<S>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -153,11 +174,22 @@ async fn write_loop<S>(
         code,
         reason: truncate(&reason, 123).into(),
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    let sent = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = sink.send(Message::Close(Some(frame))).await;
-        let _ = sink.close().await;
+        sink.close().await
     })
     .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    // The close frame is out; the socket beneath ends like a native one (the client's own
+    // close frame, if it sends one, is drained with the rest of its input).
+    let Ok(frames) = input.await else { return };
+    let Ok(mut ws) = frames.inner.reunite(sink) else {
+        return;
+    };
+    let (rd, mut wr) = tokio::io::split(ws.get_mut());
+    writer::finish(&mut wr, async { Some(rd) }).await;
 }
 
 /// The close code for a session that ended after sending `last`.
