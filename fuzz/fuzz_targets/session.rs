@@ -46,9 +46,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
-/// Small, so that oversized frames and responses are within the fuzzer's reach.
-const MAX_FRAME_BYTES: usize = 4096;
+/// Small, so that oversized frames and responses are within the fuzzer's reach (and valid:
+/// the frame limit must exceed the body limit by 4096 bytes of envelope).
 const MAX_BODY_BYTES: usize = 1024;
+const MAX_FRAME_BYTES: usize = MAX_BODY_BYTES + 4096;
 /// Far above anything an input takes; reaching it means a request went unanswered.
 const INPUT_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -101,6 +102,7 @@ fn config(dir: &Path) -> Config {
     c.limits.auth_attempts_per_ip = 1_000_000;
     c.limits.login_failures_per_account = 1_000_000;
     c.store.sqlite_sync_full = false;
+    c.validate().expect("the fuzzed configuration is one an operator may run");
     c
 }
 

@@ -301,7 +301,7 @@ fn frame_codec_seeds() -> Vec<(String, Vec<u8>)> {
     seeds
 }
 
-/// `session` inputs: conversations of length-prefixed client frames (request ids are the
+/// `session` inputs (frame limit 5120 bytes): conversations of length-prefixed client frames (request ids are the
 /// harness's; a `Resume` with an empty token resumes the connection's last session).
 fn session_seeds() -> Vec<(String, Vec<u8>)> {
     use pb::get_history::Conversation;
@@ -439,7 +439,7 @@ fn session_seeds() -> Vec<(String, Vec<u8>)> {
             conversation(vec![
                 hello(),
                 login("fuzz_a"),
-                send_to(To::UserId(1), &[b'x'; 5000]),
+                send_to(To::UserId(1), &[b'x'; 6000]),
             ]),
         ),
     ];
