@@ -22,10 +22,10 @@ async fn a_websocket_session_with_the_smallest_valid_frame_limit_serves() {
     let mut config = common::test_config(dir.path());
     config.limits.max_body_bytes = 0;
     config.limits.max_frame_bytes = 4096;
-    config.validate().expect("an operator may run this configuration");
-    let store = messenger_daemon::store::open(&config)
-        .await
-        .expect("store");
+    config
+        .validate()
+        .expect("an operator may run this configuration");
+    let store = messenger_daemon::store::open(&config).await.expect("store");
     let shared = Arc::new(Shared::new(config, store).expect("shared state"));
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer = "127.0.0.1:50000".parse().expect("addr");
@@ -62,5 +62,6 @@ async fn a_websocket_session_with_the_smallest_valid_frame_limit_serves() {
         other => panic!("Hello answered by {other:?}"),
     }
     drop(ws);
-    task.await.expect("the connection task ends without a panic");
+    task.await
+        .expect("the connection task ends without a panic");
 }

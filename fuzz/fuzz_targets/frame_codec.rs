@@ -129,7 +129,10 @@ fn round_trip<M: Message + Default + PartialEq>(frame: &M, max: usize) {
     let mut buf = wire.clone();
     let again = match codec.decode(&mut buf) {
         Ok(Some(again)) => again,
-        other => panic!("a re-encoded frame does not decode: {:?}", other.map(|_| ())),
+        other => panic!(
+            "a re-encoded frame does not decode: {:?}",
+            other.map(|_| ())
+        ),
     };
     assert!(buf.is_empty(), "re-encoding left bytes behind");
     assert!(again == *frame, "a frame changed through encode and decode");

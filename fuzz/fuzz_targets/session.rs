@@ -10,9 +10,10 @@
 //! Input: frames as on the native wire (4-byte big-endian length, then a `ClientFrame`), the
 //! last one cut at the end of the input. Each frame is sent on one connection in order, and
 //! the harness waits for its answer before the next. Frames that decode get the harness's own
-//! request ids (so every answer is attributable); a `Resume` with an empty token gets the
-//! token of the last `Authenticated` on this connection (so the fuzzer can reach resumed
-//! sessions); frames that do not decode go out byte for byte.
+//! request ids (so every answer is attributable); frames that do not decode go out byte for
+//! byte. A frame with no request kind and request id `u64::MAX` is the harness's: it closes the
+//! connection and opens the next (at most 8 per input); a `Resume` with an empty token gets
+//! the token of the input's last `Authenticated`, so the fuzzer reaches resumed sessions.
 //!
 //! Properties, beyond "never panics" (a panic on any thread aborts the process):
 //! - no answer and no push is ever `Error{INTERNAL}`;
@@ -24,7 +25,7 @@
 //! One store (SQLite in a temp dir) serves many inputs, as a long-running daemon serves many
 //! connections; it is replaced every `MESSENGER_FUZZ_RECYCLE` inputs (default 5000) to bound
 //! its size. `MESSENGER_FUZZ_RECYCLE=1` gives every input a fresh store, to reproduce a
-//! finding independently of earlier inputs.
+//! finding independently of earlier inputs; `MESSENGER_FUZZ_TRACE=1` prints each exchange.
 #![no_main]
 
 use std::net::SocketAddr;
@@ -86,6 +87,12 @@ fn recycle_every() -> u64 {
     })
 }
 
+/// `MESSENGER_FUZZ_TRACE=1`: print every request and its answer (to read what an input does).
+fn trace() -> bool {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("MESSENGER_FUZZ_TRACE").is_some())
+}
+
 fn config(dir: &Path) -> Config {
     let mut c = Config {
         data_dir: dir.to_path_buf(),
@@ -102,7 +109,8 @@ fn config(dir: &Path) -> Config {
     c.limits.auth_attempts_per_ip = 1_000_000;
     c.limits.login_failures_per_account = 1_000_000;
     c.store.sqlite_sync_full = false;
-    c.validate().expect("the fuzzed configuration is one an operator may run");
+    c.validate()
+        .expect("the fuzzed configuration is one an operator may run");
     c
 }
 
@@ -191,6 +199,27 @@ fn split_frames(mut data: &[u8]) -> Vec<&[u8]> {
 type Ws = tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>;
 
 async fn run_input(shared: Arc<Shared>, data: &[u8]) {
+    let frames = split_frames(data);
+    let mut token = None;
+    for (n, segment) in frames.split(|raw| is_reconnect(raw)).enumerate() {
+        if n == MAX_CONNECTIONS {
+            break;
+        }
+        connection(shared.clone(), segment, &mut token).await;
+    }
+}
+
+/// Connections one input may open, one after the other.
+const MAX_CONNECTIONS: usize = 8;
+
+/// The harness's own marker between connections: a frame with no request kind and request id
+/// `u64::MAX` closes the connection and opens the next one (to reach `Resume`).
+fn is_reconnect(raw: &[u8]) -> bool {
+    pb::ClientFrame::decode(raw).is_ok_and(|f| f.kind.is_none() && f.request_id == u64::MAX)
+}
+
+/// One connection carrying `frames`; `token` is the last session token seen in this input.
+async fn connection(shared: Arc<Shared>, frames: &[&[u8]], token: &mut Option<Bytes>) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let shutdown = CancellationToken::new();
     let peer: SocketAddr = "127.0.0.1:50000".parse().expect("addr");
@@ -201,11 +230,14 @@ async fn run_input(shared: Arc<Shared>, data: &[u8]) {
         shutdown.clone(),
     ));
     let ws_config = WebSocketConfig::default().max_message_size(Some(4 * MAX_FRAME_BYTES));
-    let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config("ws://localhost/start", client, Some(ws_config))
-            .await
-            .expect("the WebSocket upgrade succeeds");
-    converse(&mut ws, &split_frames(data)).await;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        "ws://localhost/start",
+        client,
+        Some(ws_config),
+    )
+    .await
+    .expect("the WebSocket upgrade succeeds");
+    converse(&mut ws, frames, token).await;
     drop(ws);
     match server.await {
         Ok(()) => {}
@@ -222,8 +254,7 @@ enum Next {
     Closing,
 }
 
-async fn converse(ws: &mut Ws, frames: &[&[u8]]) {
-    let mut token: Option<Bytes> = None;
+async fn converse(ws: &mut Ws, frames: &[&[u8]], token: &mut Option<Bytes>) {
     for (i, raw) in frames.iter().enumerate() {
         let first = i == 0;
         let request_id = i as u64 + 1;
@@ -232,7 +263,7 @@ async fn converse(ws: &mut Ws, frames: &[&[u8]]) {
                 frame.request_id = request_id;
                 if let Some(Req::Resume(r)) = &mut frame.kind
                     && r.session_token.is_empty()
-                    && let Some(t) = &token
+                    && let Some(t) = token.as_ref()
                 {
                     r.session_token = t.clone();
                 }
@@ -245,7 +276,10 @@ async fn converse(ws: &mut Ws, frames: &[&[u8]]) {
         if ws.send(Message::Binary(bytes)).await.is_err() {
             // The server closed first (it may refuse an oversized message before reading it
             // all); what it said before closing is checked below.
-            assert!(oversized, "the connection closed while a frame was being sent");
+            assert!(
+                oversized,
+                "the connection closed while a frame was being sent"
+            );
         }
         let expect = if oversized {
             Expect::Close(&[ErrorCode::TooLarge])
@@ -260,7 +294,7 @@ async fn converse(ws: &mut Ws, frames: &[&[u8]]) {
                 },
             }
         };
-        match receive(ws, expect, &mut token).await {
+        match receive(ws, expect, token).await {
             Next::Open => {}
             Next::Closing => {
                 expect_end(ws).await;
@@ -350,10 +384,10 @@ async fn receive(ws: &mut Ws, expect: Expect<'_>, token: &mut Option<Bytes>) -> 
         if let Expect::Close(codes) = expect {
             panic!("{kind:?} answered a frame that must be refused with {codes:?}");
         }
-        assert!(
-            answers(req.as_ref(), &kind),
-            "{req:?} answered by {kind:?}"
-        );
+        assert!(answers(req.as_ref(), &kind), "{req:?} answered by {kind:?}");
+        if trace() {
+            eprintln!("session: {req:?} -> {kind:?}");
+        }
         if let Resp::Authenticated(a) = &kind {
             *token = Some(a.session_token.clone());
         }

@@ -131,7 +131,10 @@ fn every_request() -> Vec<(&'static str, Req)> {
                 user_id: 2,
             }),
         ),
-        ("leave-group", Req::LeaveGroup(pb::LeaveGroup { group_id: 1 })),
+        (
+            "leave-group",
+            Req::LeaveGroup(pb::LeaveGroup { group_id: 1 }),
+        ),
         ("list-groups", Req::ListGroups(pb::ListGroups {})),
         ("get-group", Req::GetGroup(pb::GetGroup { group_id: 1 })),
         (
@@ -301,8 +304,9 @@ fn frame_codec_seeds() -> Vec<(String, Vec<u8>)> {
     seeds
 }
 
-/// `session` inputs (frame limit 5120 bytes): conversations of length-prefixed client frames (request ids are the
-/// harness's; a `Resume` with an empty token resumes the connection's last session).
+/// `session` inputs (frame limit 5120 bytes): conversations of length-prefixed client frames
+/// (request ids are the harness's; a `Resume` with an empty token resumes the input's last
+/// session; [`reconnect`] starts the next connection).
 fn session_seeds() -> Vec<(String, Vec<u8>)> {
     use pb::get_history::Conversation;
     use pb::lookup_user::By;
@@ -372,29 +376,36 @@ fn session_seeds() -> Vec<(String, Vec<u8>)> {
         ),
         (
             "account".to_string(),
-            conversation(vec![
-                hello(),
-                register("fuzz_d"),
-                login("fuzz_d"),
-                Req::Logout(pb::Logout {}),
-                Req::Resume(pb::Resume {
-                    session_token: Bytes::new(),
-                }),
-                Req::UpdateProfile(pb::UpdateProfile {
-                    display_name: "Renamed".into(),
-                }),
-                Req::ChangePassword(pb::ChangePassword {
-                    current_password: PASSWORD.into(),
-                    new_password: "another long password".into(),
-                }),
-                Req::ChangePassword(pb::ChangePassword {
-                    current_password: "another long password".into(),
-                    new_password: PASSWORD.into(),
-                }),
-                Req::Resume(pb::Resume {
-                    session_token: Bytes::new(),
-                }),
-            ]),
+            [
+                conversation(vec![hello(), register("fuzz_d"), login("fuzz_d")]),
+                reconnect(),
+                conversation(vec![
+                    hello(),
+                    Req::Resume(pb::Resume {
+                        session_token: Bytes::new(),
+                    }),
+                    Req::UpdateProfile(pb::UpdateProfile {
+                        display_name: "Renamed".into(),
+                    }),
+                    Req::ChangePassword(pb::ChangePassword {
+                        current_password: PASSWORD.into(),
+                        new_password: "another long password".into(),
+                    }),
+                    Req::ChangePassword(pb::ChangePassword {
+                        current_password: "another long password".into(),
+                        new_password: PASSWORD.into(),
+                    }),
+                    Req::Logout(pb::Logout {}),
+                ]),
+                reconnect(),
+                conversation(vec![
+                    hello(),
+                    Req::Resume(pb::Resume {
+                        session_token: Bytes::new(),
+                    }),
+                ]),
+            ]
+            .concat(),
         ),
         (
             "delete-account".to_string(),
@@ -450,6 +461,14 @@ fn session_seeds() -> Vec<(String, Vec<u8>)> {
     empty_kind.extend_from_slice(&[0, 0, 0, 0]);
     seeds.push(("no-kind".into(), empty_kind));
     seeds
+}
+
+/// The session harness's marker: close this connection and open another.
+fn reconnect() -> Vec<u8> {
+    wire(&[pb::ClientFrame {
+        request_id: u64::MAX,
+        kind: None,
+    }])
 }
 
 fn check_or_write(target: &str, seeds: &[(String, Vec<u8>)]) {
@@ -516,9 +535,7 @@ fn every_request_kind_is_seeded() {
             | Req::ListConversations(_) => {}
         }
     }
-    let distinct: std::collections::HashSet<_> = seeded
-        .iter()
-        .map(std::mem::discriminant)
-        .collect();
+    let distinct: std::collections::HashSet<_> =
+        seeded.iter().map(std::mem::discriminant).collect();
     assert_eq!(distinct.len(), 20, "one seed per request kind");
 }
