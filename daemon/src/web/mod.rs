@@ -89,7 +89,9 @@ where
             // does; they grow with the traffic.
             .read_buffer_size(4096)
             .write_buffer_size(16 * 1024)
-            .max_write_buffer_size(limits.max_frame_bytes * 4);
+            // tungstenite panics unless the cap exceeds the buffer, which `max_frame_bytes * 4`
+            // alone does not for the smallest valid limit (4096; found by fuzz/session).
+            .max_write_buffer_size((limits.max_frame_bytes * 4).max(16 * 1024 + 1));
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
