@@ -257,14 +257,18 @@ impl Hub {
     /// Closes this node's connection of `device` if a newer one (higher epoch) exists
     /// elsewhere. Connections whose epoch is not known yet are left alone: when it arrives it
     /// is the newer one.
-    pub fn fence(&self, user: UserId, device: DeviceId, epoch: u64) -> usize {
+    pub fn fence(&self, user: UserId, device: DeviceId, epoch: u64, by_node: &str) -> usize {
         let mut closed = 0;
         for conn in self.connections_of(user) {
             let mine = conn.epoch();
             if conn.device == device && mine != 0 && mine < epoch {
+                // The node that now serves the device, so a client (and an operator reading its
+                // logs) can tell which sign-in displaced this connection.
                 conn.kick(WireError::new(
                     messenger_protocol::ErrorCode::Unauthenticated,
-                    "this device's session was resumed on a newer connection",
+                    format!(
+                        "this device's session was resumed on a newer connection (on node {by_node})"
+                    ),
                 ));
                 closed += 1;
             }

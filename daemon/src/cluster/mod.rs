@@ -981,9 +981,12 @@ impl Cluster {
             self.hub.push(*user, entry);
         }
         for fence in &envelope.fences {
-            let closed = self
-                .hub
-                .fence(UserId(fence.user), DeviceId(fence.device), fence.epoch);
+            let closed = self.hub.fence(
+                UserId(fence.user),
+                DeviceId(fence.device),
+                fence.epoch,
+                &envelope.from_node,
+            );
             if closed > 0 {
                 metrics::cluster_fenced(closed as u64);
                 info!(

@@ -209,6 +209,11 @@ impl Node {
         })
     }
 
+    /// Its cluster node id (`--node-id`), as `HelloOk.node` and fence reasons name it.
+    pub fn id(&self) -> String {
+        format!("node{}", self.index)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("messengerd.log")
     }
