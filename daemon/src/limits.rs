@@ -107,16 +107,46 @@ impl<K: Hash + Eq + Clone> WindowLimiter<K> {
     }
 }
 
-/// Open connections per client IP; a permit decrements on drop.
+/// The key of every per-address limit: an IPv4 address, or the /64 an IPv6 address is in. One
+/// IPv6 host is usually given a whole /64, so limiting single IPv6 addresses would let one
+/// client take 2^64 keys. IPv4-mapped IPv6 addresses count as their IPv4 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AddressGroup(IpAddr);
+
+impl AddressGroup {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    Self(IpAddr::V6(prefix.into()))
+                }
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for AddressGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}"),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
+}
+
+/// Open connections per client address group ([`AddressGroup`]); a permit decrements on drop.
 #[derive(Clone)]
 pub struct ConnectionsPerIp {
     max: usize,
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    counts: Arc<Mutex<HashMap<AddressGroup, usize>>>,
 }
 
 pub struct IpPermit {
-    ip: IpAddr,
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    group: AddressGroup,
+    counts: Arc<Mutex<HashMap<AddressGroup, usize>>>,
 }
 
 impl ConnectionsPerIp {
@@ -128,14 +158,15 @@ impl ConnectionsPerIp {
     }
 
     pub fn acquire(&self, ip: IpAddr) -> Option<IpPermit> {
+        let group = AddressGroup::of(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(ip).or_insert(0);
+        let n = counts.entry(group).or_insert(0);
         if *n >= self.max {
             return None;
         }
         *n += 1;
         Some(IpPermit {
-            ip,
+            group,
             counts: self.counts.clone(),
         })
     }
@@ -144,10 +175,10 @@ impl ConnectionsPerIp {
 impl Drop for IpPermit {
     fn drop(&mut self) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.ip) {
+        if let Some(n) = counts.get_mut(&self.group) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                counts.remove(&self.ip);
+                counts.remove(&self.group);
             }
         }
     }
@@ -186,5 +217,38 @@ mod tests {
         assert!(c.acquire(ip).is_none());
         drop(p);
         assert!(c.acquire(ip).is_some());
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_address_group_and_mapped_ipv4_is_its_ipv4() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().expect("v6");
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().expect("v6");
+        let other: IpAddr = "2001:db8:1:3::1".parse().expect("v6");
+        assert_eq!(AddressGroup::of(a), AddressGroup::of(b));
+        assert_ne!(AddressGroup::of(a), AddressGroup::of(other));
+        assert_eq!(AddressGroup::of(a).to_string(), "2001:db8:1:2::/64");
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().expect("mapped");
+        let v4: IpAddr = [192, 0, 2, 7].into();
+        assert_eq!(AddressGroup::of(mapped), AddressGroup::of(v4));
+        assert_ne!(
+            AddressGroup::of(v4),
+            AddressGroup::of([192, 0, 2, 8].into())
+        );
+    }
+
+    #[test]
+    fn connections_from_one_ipv6_64_share_one_allowance() {
+        let limit = ConnectionsPerIp::new(2);
+        let first = limit.acquire("2001:db8::1".parse().expect("v6"));
+        let second = limit.acquire("2001:db8::2".parse().expect("v6"));
+        assert!(first.is_some() && second.is_some());
+        assert!(limit.acquire("2001:db8::3".parse().expect("v6")).is_none());
+        assert!(
+            limit
+                .acquire("2001:db8:0:1::1".parse().expect("v6"))
+                .is_some()
+        );
+        drop(first);
+        assert!(limit.acquire("2001:db8::4".parse().expect("v6")).is_some());
     }
 }

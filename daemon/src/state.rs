@@ -1,14 +1,13 @@
 //! What every connection shares: configuration, the store, the hub, the password hasher and
 //! the abuse limits. One `Arc<Shared>` per server.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::auth::PasswordHasher;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::limits::WindowLimiter;
+use crate::limits::{AddressGroup, WindowLimiter};
 use crate::store::Store;
 
 pub struct Shared {
@@ -19,7 +18,7 @@ pub struct Shared {
     pub cluster: Option<Arc<Cluster>>,
     pub passwords: PasswordHasher,
     /// Login and register attempts per client IP.
-    pub auth_per_ip: WindowLimiter<IpAddr>,
+    pub auth_per_ip: WindowLimiter<AddressGroup>,
     /// Failed logins per account (case-folded username).
     pub login_failures: WindowLimiter<String>,
 }

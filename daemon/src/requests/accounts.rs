@@ -5,6 +5,7 @@ use messenger_protocol::{ErrorCode, WireError};
 
 use super::short_name;
 use crate::auth;
+use crate::limits::AddressGroup;
 use crate::metrics;
 use crate::model::{Session as StoredSession, now_millis};
 use crate::session::{After, Handled, Session, ok, rate_limited};
@@ -20,7 +21,7 @@ impl Session {
     fn limit_auth_attempt(&self) -> Result<(), WireError> {
         self.shared
             .auth_per_ip
-            .hit(&self.peer.ip())
+            .hit(&AddressGroup::of(self.peer.ip()))
             .map_err(|wait| {
                 rate_limited(
                     "too many login or register attempts from this address",
