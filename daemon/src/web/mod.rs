@@ -82,16 +82,17 @@ where
             }
         };
         let limits = &shared.config.limits;
+        const WRITE_BUFFER: usize = 16 * 1024;
         let config = WebSocketConfig::default()
             .max_message_size(Some(limits.max_frame_bytes))
             .max_frame_size(Some(limits.max_frame_bytes))
             // Small buffers: an idle browser connection should cost about what a native one
             // does; they grow with the traffic.
             .read_buffer_size(4096)
-            .write_buffer_size(16 * 1024)
+            .write_buffer_size(WRITE_BUFFER)
             // tungstenite panics unless the cap exceeds the buffer, which `max_frame_bytes * 4`
             // alone does not for the smallest valid limit (4096; found by fuzz/session).
-            .max_write_buffer_size((limits.max_frame_bytes * 4).max(16 * 1024 + 1));
+            .max_write_buffer_size((limits.max_frame_bytes * 4).max(WRITE_BUFFER + 1));
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
