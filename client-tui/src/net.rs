@@ -76,6 +76,12 @@ fn explain(e: &ClientError, server: &str) -> String {
              (the server's CA, e.g. messenger-data/tls/dev-ca.pem) or --fingerprint SHA256 \
              (as messengerd prints it)"
         ),
+        // Say when to try again: the server tells us for every refusal that a retry can fix.
+        ClientError::Wire(w) if w.retry_after_ms > 0 => format!(
+            "{} (try again in {} s)",
+            w.message,
+            w.retry_after_ms.div_ceil(1000)
+        ),
         ClientError::Wire(w) => w.message.clone(),
         other => other.to_string(),
     }
@@ -325,10 +331,27 @@ impl Net {
         if let Some(display) = register {
             c.register(username, password, display).await?;
         }
+        // This device's login cookie for the account, so others' failed logins cannot lock
+        // it out (docs/PROTOCOL.md §5.3.1). A damaged file only costs that protection.
+        match self.cfg.store.load_cookie(&self.server(), username) {
+            Ok(Some(cookie)) => c.set_login_cookie(username, cookie.into()),
+            Ok(None) => {}
+            Err(e) => self.emit(NetEvent::Error(e.to_string())),
+        }
         let auth = c.login(username, password, &self.cfg.device_name).await?;
         if let Err(e) = self.cfg.store.save(&self.server(), &auth.session_token) {
             self.emit(NetEvent::Error(format!(
                 "signed in, but the session could not be saved: {e}"
+            )));
+        }
+        if !auth.login_cookie.is_empty()
+            && let Err(e) = self
+                .cfg
+                .store
+                .save_cookie(&self.server(), username, &auth.login_cookie)
+        {
+            self.emit(NetEvent::Error(format!(
+                "signed in, but the login cookie could not be saved: {e}"
             )));
         }
         Ok(())

@@ -1,8 +1,10 @@
-//! Credentials: argon2id password hashing on a bounded blocking pool, session tokens, and the
-//! validation rules for usernames, display names and passwords.
+//! Credentials: argon2id password hashing on a fixed set of threads behind bounded queues
+//! (`hash_pool`), session tokens and login cookies, and the validation rules for usernames,
+//! display names and passwords.
 //!
-//! Hashing never runs on the async workers: a login flood queues on the semaphore (and is cut
-//! off by the per-IP and per-account limits) instead of starving message delivery.
+//! Hashing never runs on the async workers, and a login flood never queues without bound: a
+//! check that finds the queue full is refused at once (`UNAVAILABLE` with a retry hint), and
+//! known devices have a reserved queue served first.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,9 +15,10 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use messenger_protocol::{ErrorCode, WireError};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 
 use crate::config::Passwords;
+pub use crate::hash_pool::Lane;
+use crate::hash_pool::{Busy, HashPool, Hold};
 use crate::metrics;
 
 pub const MAX_PASSWORD_BYTES: usize = 1024;
@@ -26,9 +29,7 @@ pub const DISPLAY_NAME_MAX_CHARS: usize = 64;
 #[derive(Clone)]
 pub struct PasswordHasher {
     params: Params,
-    permits: Arc<Semaphore>,
-    /// Jobs for the hashing threads.
-    jobs: std::sync::mpsc::Sender<Job>,
+    pool: Arc<HashPool>,
     /// A real hash of a random password, verified against when the account does not exist,
     /// so a failed login takes the same time whether or not the username is taken.
     dummy_hash: Arc<String>,
@@ -48,14 +49,21 @@ impl PasswordHasher {
             n => n,
         };
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+        // The dummy hash doubles as the first measurement for retry hints.
+        let start = Instant::now();
         let dummy_hash = argon
             .hash_password(&random_bytes::<16>())
             .map_err(|e| format!("argon2: {e}"))?
             .to_string();
+        let pool = HashPool::start(
+            concurrency,
+            config.hash_queue,
+            config.hash_queue_reserved,
+            start.elapsed(),
+        )?;
         Ok(Self {
             params,
-            permits: Arc::new(Semaphore::new(concurrency)),
-            jobs: start_hash_threads(concurrency)?,
+            pool: Arc::new(pool),
             dummy_hash: Arc::new(dummy_hash),
         })
     }
@@ -65,10 +73,10 @@ impl PasswordHasher {
     }
 
     /// Hashes a password into a PHC string.
-    pub async fn hash(&self, password: &str) -> Result<String, WireError> {
+    pub async fn hash(&self, password: &str, lane: Lane) -> Result<String, WireError> {
         let argon = self.argon();
         let password = password.to_owned();
-        self.run(move || {
+        self.run(lane, move || {
             argon
                 .hash_password(password.as_bytes())
                 .map(|h| h.to_string())
@@ -79,14 +87,19 @@ impl PasswordHasher {
 
     /// True when `password` matches `phc`; a missing account passes `None` and gets `false`
     /// after the same amount of work.
-    pub async fn verify(&self, password: &str, phc: Option<&str>) -> Result<bool, WireError> {
+    pub async fn verify(
+        &self,
+        password: &str,
+        phc: Option<&str>,
+        lane: Lane,
+    ) -> Result<bool, WireError> {
         let argon = self.argon();
         let password = password.to_owned();
         let (phc, real) = match phc {
             Some(p) => (p.to_owned(), true),
             None => (self.dummy_hash.as_str().to_owned(), false),
         };
-        self.run(move || {
+        self.run(lane, move || {
             let parsed =
                 PasswordHash::new(&phc).map_err(|e| internal(format!("stored hash: {e}")))?;
             Ok(argon.verify_password(password.as_bytes(), &parsed).is_ok() && real)
@@ -94,61 +107,51 @@ impl PasswordHasher {
         .await
     }
 
+    /// Password checks waiting for a hashing thread.
+    pub fn waiting(&self) -> usize {
+        self.pool.waiting()
+    }
+
+    /// Test hook: the hashing threads take no new job until the guard is dropped.
+    #[doc(hidden)]
+    pub fn hold(&self) -> Hold {
+        self.pool.hold()
+    }
+
     async fn run<T: Send + 'static>(
         &self,
+        lane: Lane,
         work: impl FnOnce() -> Result<T, WireError> + Send + 'static,
     ) -> Result<T, WireError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| WireError::new(ErrorCode::Unavailable, "shutting down"))?;
-        let start = Instant::now();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move || {
+        let job = Box::new(move || {
+            // The client is gone (closed the connection): nobody would see the answer, so a
+            // flood of abandoned logins costs no hashing.
+            if reply.is_closed() {
+                return false;
+            }
+            let start = Instant::now();
             let _ = reply.send(work());
+            metrics::password_hash_time(start);
+            true
         });
-        self.jobs
-            .send(job)
-            .map_err(|_| internal("the hashing threads stopped".into()))?;
-        let out = answer
+        self.pool.submit(lane, job).map_err(busy)?;
+        answer
             .await
-            .map_err(|_| internal("a hashing thread failed".into()))?;
-        metrics::password_hash_time(start);
-        out
+            .map_err(|_| WireError::new(ErrorCode::Unavailable, "shutting down"))?
     }
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A fixed set of threads for argon2. Not tokio's blocking pool: that pool grows and shrinks
-/// threads, and every new thread gets its own malloc arena that keeps the freed multi-MiB
-/// argon2 blocks (glibc raises its mmap threshold after the first free), so a burst of logins
-/// left hundreds of MiB resident for good. A few long-lived threads keep that bounded.
-fn start_hash_threads(count: usize) -> Result<std::sync::mpsc::Sender<Job>, String> {
-    let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    let rx = Arc::new(std::sync::Mutex::new(rx));
-    for i in 0..count.max(1) {
-        let rx = Arc::clone(&rx);
-        std::thread::Builder::new()
-            .name(format!("argon2-{i}"))
-            .spawn(move || {
-                loop {
-                    // The lock is held only while taking a job, not while hashing.
-                    let job = match rx.lock() {
-                        Ok(guard) => guard.recv(),
-                        Err(poisoned) => poisoned.into_inner().recv(),
-                    };
-                    match job {
-                        Ok(job) => job(),
-                        // Every sender (the hasher and its clones) is gone.
-                        Err(_) => return,
-                    }
-                }
-            })
-            .map_err(|e| format!("starting a hashing thread: {e}"))?;
-    }
-    Ok(tx)
+/// The refusal when the hash queues are full: retryable, with a hint.
+fn busy(b: Busy) -> WireError {
+    metrics::auth_refused(metrics::budget::HASH_QUEUE);
+    let ms = u32::try_from(b.retry_after.as_millis()).unwrap_or(u32::MAX);
+    let mut e = WireError::new(
+        ErrorCode::Unavailable,
+        format!("server busy checking passwords; retry in {ms} ms"),
+    );
+    e.retry_after_ms = ms.max(1);
+    e
 }
 
 fn internal(message: String) -> WireError {
@@ -169,6 +172,19 @@ pub fn new_token() -> ([u8; 32], [u8; 32]) {
 
 pub fn token_hash(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
+}
+
+/// Length of a login cookie; anything else a client sends is no cookie.
+pub const LOGIN_COOKIE_BYTES: usize = 32;
+
+/// A new login cookie (32 random bytes) and the hash that is stored instead of it.
+pub fn new_login_cookie() -> ([u8; LOGIN_COOKIE_BYTES], [u8; 32]) {
+    new_token()
+}
+
+/// The stored hash of a presented login cookie, or `None` when it cannot be one.
+pub fn login_cookie_hash(cookie: &[u8]) -> Option<[u8; 32]> {
+    (cookie.len() == LOGIN_COOKIE_BYTES).then(|| token_hash(cookie))
 }
 
 fn invalid(message: impl Into<String>) -> WireError {
@@ -250,19 +266,27 @@ mod tests {
     #[tokio::test]
     async fn a_hash_verifies_only_its_own_password() {
         let hasher = PasswordHasher::new(&Passwords::default()).expect("hasher");
-        let hash = hasher.hash("correct horse").await.expect("hash");
+        let hash = hasher
+            .hash("correct horse", Lane::Normal)
+            .await
+            .expect("hash");
         assert!(
             hasher
-                .verify("correct horse", Some(&hash))
+                .verify("correct horse", Some(&hash), Lane::Normal)
                 .await
                 .expect("verify")
         );
         assert!(
             !hasher
-                .verify("wrong horse", Some(&hash))
+                .verify("wrong horse", Some(&hash), Lane::Reserved)
                 .await
                 .expect("verify")
         );
-        assert!(!hasher.verify("correct horse", None).await.expect("verify"));
+        assert!(
+            !hasher
+                .verify("correct horse", None, Lane::Normal)
+                .await
+                .expect("verify")
+        );
     }
 }

@@ -97,8 +97,21 @@ pub struct Limits {
     pub messages_per_second: u32,
     /// Burst of messages above the sustained rate.
     pub message_burst: u32,
-    /// Failed logins per account per minute before further attempts are refused.
+    /// Failed logins per account per minute from devices without a valid login cookie (the
+    /// account's shared "untrusted" budget) before such attempts are refused.
     pub login_failures_per_account: u32,
+    /// Failed logins per minute with one valid login cookie (a device that signed in to the
+    /// account before), and wrong current passwords per minute per signed-in device
+    /// (`ChangePassword`, `DeleteAccount`). Each cookie and device has its own budget, so
+    /// nobody else's failures use it up.
+    pub login_failures_per_cookie: u32,
+    /// `Resume`s with an unknown, revoked or expired token per IP address (IPv6: per /64) per
+    /// minute; further `Resume`s from that address are refused until the window ends.
+    pub invalid_resumes_per_ip: u32,
+    /// Sustained successful `Resume`s per minute of one device (session) ...
+    pub resumes_per_device_per_minute: u32,
+    /// ... with this burst (a token bucket per device).
+    pub resume_burst_per_device: u32,
     /// Login and register attempts per IP address per minute.
     pub auth_attempts_per_ip: u32,
     /// Live deliveries queued per connection before it switches to catching up from the store.
@@ -117,6 +130,10 @@ impl Default for Limits {
             messages_per_second: 50,
             message_burst: 200,
             login_failures_per_account: 10,
+            login_failures_per_cookie: 5,
+            invalid_resumes_per_ip: 120,
+            resumes_per_device_per_minute: 12,
+            resume_burst_per_device: 30,
             auth_attempts_per_ip: 120,
             outbound_queue: 512,
         }
@@ -263,6 +280,13 @@ pub struct Passwords {
     pub argon2_parallelism: u32,
     /// Most password hashes computed at once; 0 means one per CPU core.
     pub hash_concurrency: usize,
+    /// Password checks (login, register) that may wait for a hashing thread; when that many
+    /// wait, further ones are refused at once with `UNAVAILABLE` and a `retry_after_ms`.
+    pub hash_queue: usize,
+    /// A second, reserved queue for the checks of known devices (a login with a valid login
+    /// cookie, a signed-in user's current password): served first, so owners still get in
+    /// while a login flood fills `hash_queue`. When it is full they use `hash_queue` too.
+    pub hash_queue_reserved: usize,
     /// Shortest password accepted.
     pub min_length: usize,
 }
@@ -274,6 +298,8 @@ impl Default for Passwords {
             argon2_iterations: 2,
             argon2_parallelism: 1,
             hash_concurrency: 0,
+            hash_queue: 32,
+            hash_queue_reserved: 8,
             min_length: 8,
         }
     }
@@ -440,6 +466,10 @@ impl Config {
         }
         if l.messages_per_second == 0 {
             return Err("limits.messages_per_second must be > 0".into());
+        }
+        if l.resumes_per_device_per_minute == 0 {
+            // Zero would refuse every Resume for ever, not "no limit".
+            return Err("limits.resumes_per_device_per_minute must be > 0".into());
         }
         if self.cluster.redis_url.is_some() && self.store.backend != StoreBackend::Postgres {
             return Err(
@@ -621,6 +651,18 @@ pub struct Overrides {
     /// Bytes all connections together may buffer before the slowest readers are shed [default: 536870912]
     #[arg(long, env = "MESSENGER_MAX_BUFFERED_BYTES", global = true)]
     pub max_buffered_bytes: Option<usize>,
+    /// Failed logins per minute per login cookie, and wrong current passwords per minute per device [default: 5]
+    #[arg(long, env = "MESSENGER_LOGIN_FAILURES_PER_COOKIE", global = true)]
+    pub login_failures_per_cookie: Option<u32>,
+    /// Resumes with an unknown, revoked or expired token per IP per minute [default: 120]
+    #[arg(long, env = "MESSENGER_INVALID_RESUMES_PER_IP", global = true)]
+    pub invalid_resumes_per_ip: Option<u32>,
+    /// Sustained resumes per minute of one device [default: 12]
+    #[arg(long, env = "MESSENGER_RESUMES_PER_DEVICE_PER_MINUTE", global = true)]
+    pub resumes_per_device_per_minute: Option<u32>,
+    /// Resume burst of one device above the sustained rate [default: 30]
+    #[arg(long, env = "MESSENGER_RESUME_BURST_PER_DEVICE", global = true)]
+    pub resume_burst_per_device: Option<u32>,
     /// Live deliveries queued per connection before it catches up from the store [default: 512]
     #[arg(long, env = "MESSENGER_OUTBOUND_QUEUE", global = true)]
     pub outbound_queue: Option<usize>,
@@ -651,6 +693,12 @@ pub struct Overrides {
     /// Concurrent password hashes; 0 = CPU cores [default: 0]
     #[arg(long, env = "MESSENGER_HASH_CONCURRENCY", global = true)]
     pub hash_concurrency: Option<usize>,
+    /// Password checks that may wait for a hashing thread; more are refused UNAVAILABLE at once [default: 32]
+    #[arg(long, env = "MESSENGER_HASH_QUEUE", global = true)]
+    pub hash_queue: Option<usize>,
+    /// Reserved queue for known devices' password checks, served first [default: 8]
+    #[arg(long, env = "MESSENGER_HASH_QUEUE_RESERVED", global = true)]
+    pub hash_queue_reserved: Option<usize>,
 }
 
 impl Cli {
@@ -728,6 +776,19 @@ impl Overrides {
             &self.login_failures_per_account,
         );
         set(&mut l.auth_attempts_per_ip, &self.auth_attempts_per_ip);
+        set(
+            &mut l.login_failures_per_cookie,
+            &self.login_failures_per_cookie,
+        );
+        set(&mut l.invalid_resumes_per_ip, &self.invalid_resumes_per_ip);
+        set(
+            &mut l.resumes_per_device_per_minute,
+            &self.resumes_per_device_per_minute,
+        );
+        set(
+            &mut l.resume_burst_per_device,
+            &self.resume_burst_per_device,
+        );
         set(&mut l.outbound_queue, &self.outbound_queue);
         set(&mut c.memory.max_buffered_bytes, &self.max_buffered_bytes);
         let t = &mut c.timeouts;
@@ -741,6 +802,8 @@ impl Overrides {
         set(&mut p.argon2_memory_kib, &self.argon2_memory_kib);
         set(&mut p.argon2_iterations, &self.argon2_iterations);
         set(&mut p.hash_concurrency, &self.hash_concurrency);
+        set(&mut p.hash_queue, &self.hash_queue);
+        set(&mut p.hash_queue_reserved, &self.hash_queue_reserved);
     }
 }
 

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod fd_limit;
+pub mod hash_pool;
 pub mod hub;
 pub mod inbound;
 pub mod limits;

@@ -1,5 +1,6 @@
-//! Abuse limits: a token bucket per session for messages, fixed one-minute windows for
-//! authentication attempts (per IP and per account), and a per-IP connection count.
+//! Abuse limits: a token bucket per session for messages, token buckets per key (resumes per
+//! device), fixed one-minute windows for authentication attempts (per IP, per account, per
+//! login cookie), and a per-IP connection count.
 //! All in memory and per node; each refusal carries how long to wait.
 
 use std::collections::HashMap;
@@ -19,13 +20,27 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(per_second: u32, burst: u32) -> Self {
+        Self::with_rate(f64::from(per_second.max(1)), burst)
+    }
+
+    /// A bucket refilled with `per_minute` tokens a minute (for rare events such as resumes).
+    pub fn per_minute(per_minute: u32, burst: u32) -> Self {
+        Self::with_rate(f64::from(per_minute.max(1)) / 60.0, burst)
+    }
+
+    fn with_rate(rate: f64, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
-            rate: f64::from(per_second.max(1)),
+            rate,
             burst,
             tokens: burst,
             last: Instant::now(),
         }
+    }
+
+    /// Whether the bucket has refilled completely, i.e. forgetting it changes nothing.
+    fn is_full(&self, now: Instant) -> bool {
+        self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate >= self.burst
     }
 
     /// Takes one token, or says how long until one is available.
@@ -104,6 +119,40 @@ impl<K: Hash + Eq + Clone> WindowLimiter<K> {
 
     pub fn clear(&self, key: &K) {
         self.shard(key).remove(key);
+    }
+}
+
+/// A [`TokenBucket`] per key (e.g. resumes per device), sharded like [`WindowLimiter`]. Full
+/// buckets are forgotten when a shard grows large, so idle keys cost nothing.
+pub struct BucketLimiter<K> {
+    per_minute: u32,
+    burst: u32,
+    shards: Vec<Mutex<HashMap<K, TokenBucket>>>,
+}
+
+impl<K: Hash + Eq + Clone> BucketLimiter<K> {
+    pub fn per_minute(per_minute: u32, burst: u32) -> Self {
+        Self {
+            per_minute,
+            burst,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    /// Takes one token of `key`'s bucket, or says how long until one is available.
+    pub fn try_take(&self, key: &K) -> Result<(), Duration> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let idx = (std::hash::Hasher::finish(&hasher) as usize) % SHARDS;
+        let mut shard = self.shards[idx].lock().unwrap_or_else(|p| p.into_inner());
+        if shard.len() > 100_000 {
+            let now = Instant::now();
+            shard.retain(|_, bucket| !bucket.is_full(now));
+        }
+        shard
+            .entry(key.clone())
+            .or_insert_with(|| TokenBucket::per_minute(self.per_minute, self.burst))
+            .try_take()
     }
 }
 
@@ -196,6 +245,17 @@ mod tests {
         assert!(b.try_take().is_ok());
         let wait = b.try_take().expect_err("over the burst");
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn keyed_buckets_refuse_one_key_past_its_burst_and_not_the_others() {
+        let l = BucketLimiter::per_minute(6, 2);
+        assert!(l.try_take(&1).is_ok());
+        assert!(l.try_take(&1).is_ok());
+        let wait = l.try_take(&1).expect_err("over the burst");
+        // One token every 10 s at 6 a minute.
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(10));
+        assert!(l.try_take(&2).is_ok());
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub const MEMORY_ALLOCATED: &str = "messenger_memory_allocated_bytes";
 pub const MEMORY_RESIDENT: &str = "messenger_memory_resident_bytes";
 pub const ERRORS: &str = "messenger_request_errors_total";
 pub const AUTH_FAILURES: &str = "messenger_auth_failures_total";
+pub const AUTH_REFUSED: &str = "messenger_auth_refusals_total";
 pub const STORE_SECONDS: &str = "messenger_store_seconds";
 pub const PASSWORD_HASH_SECONDS: &str = "messenger_password_hash_seconds";
 pub const ONLINE_USERS: &str = "messenger_online_users";
@@ -135,6 +136,25 @@ const ERROR_CODES: &[&str] = &[
     "internal",
     "origin_refused",
 ];
+/// Which budget refused a sign-in or password check: the `budget` label of `auth_refused`.
+pub mod budget {
+    pub const IP: &str = "auth_attempts_per_ip";
+    pub const UNTRUSTED: &str = "login_failures_per_account";
+    pub const COOKIE: &str = "login_failures_per_cookie";
+    pub const DEVICE_PASSWORD: &str = "password_failures_per_device";
+    pub const INVALID_RESUME: &str = "invalid_resumes_per_ip";
+    pub const RESUME_DEVICE: &str = "resumes_per_device";
+    pub const HASH_QUEUE: &str = "hash_queue";
+}
+const AUTH_BUDGETS: &[&str] = &[
+    budget::IP,
+    budget::UNTRUSTED,
+    budget::COOKIE,
+    budget::DEVICE_PASSWORD,
+    budget::INVALID_RESUME,
+    budget::RESUME_DEVICE,
+    budget::HASH_QUEUE,
+];
 /// Store calls timed with `timed_store`.
 const STORE_OPS: &[&str] = &["append_message", "read_inbox"];
 
@@ -214,6 +234,11 @@ pub const ALL: &[Metric] = &[
         AUTH_FAILURES,
         "Failed sign-ins (wrong password, unknown user or bad token).",
     ),
+    Metric::counter(
+        AUTH_REFUSED,
+        "Sign-ins and password checks refused before being tried, by the budget that ran out.",
+    )
+    .label("budget", AUTH_BUDGETS),
     Metric::seconds(
         STORE_SECONDS,
         "Time spent in store calls on the message path, by operation.",
@@ -424,6 +449,10 @@ pub fn request_error(code: &'static str) {
 
 pub fn auth_failure() {
     counter!(AUTH_FAILURES).increment(1);
+}
+
+pub fn auth_refused(budget: &'static str) {
+    counter!(AUTH_REFUSED, "budget" => budget).increment(1);
 }
 
 pub fn online_users(n: usize) {

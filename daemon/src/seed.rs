@@ -104,7 +104,7 @@ pub async fn seed(
             Some(h) => String::clone(h),
             None => {
                 let h = hasher
-                    .hash(&options.password)
+                    .hash(&options.password, auth::Lane::Normal)
                     .await
                     .map_err(|e| SeedError::Hash(e.to_string()))?;
                 password_hash = Some(h.clone());
@@ -237,7 +237,11 @@ mod tests {
             .expect("seeded");
         assert!(
             hasher
-                .verify("demo-password", Some(&demo2.password_hash))
+                .verify(
+                    "demo-password",
+                    Some(&demo2.password_hash),
+                    auth::Lane::Normal
+                )
                 .await
                 .expect("verify")
         );

@@ -460,10 +460,16 @@ impl Session {
             // Sign-ins read from sockets while this node was frozen may be ones their clients
             // already gave up on (and resumed elsewhere): taking them now would fence the
             // live connection. Real clients retry and land on a node that is ready.
-            return Err(WireError::new(
+            let mut e = WireError::new(
                 ErrorCode::Unavailable,
                 "this node is rejoining its cluster; try again",
-            ));
+            );
+            // Rejoining takes about a heartbeat; spread the retries.
+            e.retry_after_ms = {
+                use rand::Rng;
+                rand::rng().random_range(500..2_000)
+            };
+            return Err(e);
         }
         match kind {
             Req::Ping(_) => ok(Resp::Pong(pb::Pong {})),

@@ -7,8 +7,9 @@ use crate::auth::PasswordHasher;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::limits::{AddressGroup, WindowLimiter};
+use crate::limits::{AddressGroup, BucketLimiter, WindowLimiter};
 use crate::memory::MemoryBudget;
+use crate::model::DeviceId;
 use crate::store::Store;
 
 pub struct Shared {
@@ -22,22 +23,36 @@ pub struct Shared {
     pub memory: Arc<MemoryBudget>,
     /// Login and register attempts per client IP.
     pub auth_per_ip: WindowLimiter<AddressGroup>,
-    /// Failed logins per account (case-folded username).
+    /// Failed logins per account (case-folded username) from devices without a valid login
+    /// cookie: the account's shared "untrusted" budget.
     pub login_failures: WindowLimiter<String>,
+    /// Failed logins per login cookie (by its hash): each known device's own budget.
+    pub cookie_failures: WindowLimiter<[u8; 32]>,
+    /// Wrong current passwords (`ChangePassword`, `DeleteAccount`) per signed-in device.
+    pub password_failures: WindowLimiter<DeviceId>,
+    /// Resumes with an unknown, revoked or expired token per client IP.
+    pub invalid_resumes: WindowLimiter<AddressGroup>,
+    /// Successful resumes per device.
+    pub resumes: BucketLimiter<DeviceId>,
 }
 
 impl Shared {
     pub fn new(config: Config, store: Arc<dyn Store>) -> Result<Self, String> {
+        let l = &config.limits;
         Ok(Self {
-            hub: Arc::new(Hub::new(
-                config.limits.outbound_queue,
-                config.memory.live_queue_bytes,
-            )),
+            hub: Arc::new(Hub::new(l.outbound_queue, config.memory.live_queue_bytes)),
             cluster: None,
             passwords: PasswordHasher::new(&config.passwords)?,
             memory: MemoryBudget::new(&config.memory),
-            auth_per_ip: WindowLimiter::new(config.limits.auth_attempts_per_ip),
-            login_failures: WindowLimiter::new(config.limits.login_failures_per_account),
+            auth_per_ip: WindowLimiter::new(l.auth_attempts_per_ip),
+            login_failures: WindowLimiter::new(l.login_failures_per_account),
+            cookie_failures: WindowLimiter::new(l.login_failures_per_cookie),
+            password_failures: WindowLimiter::new(l.login_failures_per_cookie),
+            invalid_resumes: WindowLimiter::new(l.invalid_resumes_per_ip),
+            resumes: BucketLimiter::per_minute(
+                l.resumes_per_device_per_minute,
+                l.resume_burst_per_device,
+            ),
             store,
             config,
         })

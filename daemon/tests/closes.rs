@@ -193,6 +193,7 @@ async fn a_live_session_ends_when_its_token_expires() {
             username: "expiring".into(),
             password: PASSWORD.into(),
             device_name: "phone".into(),
+            ..Default::default()
         }),
     );
     stream.write_all(&out).await.expect("write");

@@ -87,6 +87,7 @@ impl Pools {
                 username: self.text(rng),
                 password: self.text(rng),
                 device_name: self.text(rng),
+                login_cookie: self.bytes(rng),
             }),
             3 => Req::Resume(pb::Resume {
                 session_token: self.bytes(rng),

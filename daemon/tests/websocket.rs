@@ -139,6 +139,7 @@ async fn a_browser_session_chats_with_a_native_one_over_the_same_hub() {
             username: "wendy".into(),
             password: PASSWORD.into(),
             device_name: "browser".into(),
+            ..Default::default()
         }),
     )
     .await;

@@ -108,6 +108,11 @@ fn config(dir: &Path) -> Config {
     c.limits.message_burst = 1_000_000;
     c.limits.auth_attempts_per_ip = 1_000_000;
     c.limits.login_failures_per_account = 1_000_000;
+    c.limits.login_failures_per_cookie = 1_000_000;
+    c.limits.invalid_resumes_per_ip = 1_000_000;
+    c.limits.resumes_per_device_per_minute = 1_000_000;
+    c.limits.resume_burst_per_device = 1_000_000;
+    c.passwords.hash_queue = 1_000_000;
     c.store.sqlite_sync_full = false;
     c.validate()
         .expect("the fuzzed configuration is one an operator may run");

@@ -20,6 +20,10 @@ async fn daemon(dir: &Path) -> RunningServer {
     c.limits.messages_per_second = 100_000;
     c.limits.message_burst = 100_000;
     c.limits.auth_attempts_per_ip = 1_000_000;
+    c.limits.invalid_resumes_per_ip = 1_000_000;
+    c.limits.resumes_per_device_per_minute = 1_000_000;
+    c.limits.resume_burst_per_device = 1_000_000;
+    c.passwords.hash_queue = 1_000_000;
     c.limits.max_connections_per_ip = 100_000;
     c.store.sqlite_sync_full = false;
     RunningServer::start(c).await.expect("daemon starts")

@@ -183,6 +183,7 @@ fn authenticated(token: &[u8], acked_seq: u64) -> server_frame::Kind {
         device_id: 7,
         expires_at_ms: i64::MAX,
         acked_seq,
+        login_cookie: Bytes::new(),
     })
 }
 

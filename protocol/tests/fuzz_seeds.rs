@@ -55,6 +55,7 @@ fn login(name: &str) -> Req {
         username: name.into(),
         password: PASSWORD.into(),
         device_name: "seed device".into(),
+        ..Default::default()
     })
 }
 
@@ -216,6 +217,7 @@ fn every_response() -> Vec<(&'static str, Resp)> {
                 device_id: 3,
                 expires_at_ms: 1_800_000_000_000,
                 acked_seq: 4,
+                login_cookie: Bytes::new(),
             }),
         ),
         ("ok", Resp::Ok(pb::Ok {})),

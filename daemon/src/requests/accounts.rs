@@ -3,8 +3,9 @@
 use messenger_protocol::pb::{self, server_frame::Kind as Resp};
 use messenger_protocol::{ErrorCode, WireError};
 
+use super::login_budget::{Budget, LOGIN_COOKIES_PER_ACCOUNT};
 use super::short_name;
-use crate::auth;
+use crate::auth::{self, Lane};
 use crate::limits::AddressGroup;
 use crate::metrics;
 use crate::model::{Session as StoredSession, now_millis};
@@ -23,6 +24,7 @@ impl Session {
             .auth_per_ip
             .hit(&AddressGroup::of(self.peer.ip()))
             .map_err(|wait| {
+                metrics::auth_refused(metrics::budget::IP);
                 rate_limited(
                     "too many login or register attempts from this address",
                     wait,
@@ -56,7 +58,11 @@ impl Session {
                 "username is taken",
             ));
         }
-        let password_hash = self.shared.passwords.hash(&r.password).await?;
+        let password_hash = self
+            .shared
+            .passwords
+            .hash(&r.password, Lane::Normal)
+            .await?;
         let user = self
             .shared
             .store
@@ -84,35 +90,56 @@ impl Session {
             metrics::auth_failure();
             return Err(wrong_credentials());
         };
-        self.shared
-            .login_failures
-            .check(&key)
-            .map_err(|wait| rate_limited("too many failed logins for this account", wait))?;
+        let cookie_hash = auth::login_cookie_hash(&r.login_cookie);
+        if cookie_hash.is_none() {
+            self.check_untrusted(&key)?;
+        }
         let device_name = if r.device_name.trim().is_empty() {
             "device".to_string()
         } else {
             short_name("device name", &r.device_name, DEVICE_NAME_MAX)?
         };
+        let account = self.shared.store.account_by_username(&key).await?;
+        let budget = self
+            .login_budget(&key, account.as_ref(), cookie_hash)
+            .await?;
         if r.password.len() > auth::MAX_PASSWORD_BYTES {
-            self.shared.login_failures.record(&key);
+            self.record_login_failure(&budget);
             metrics::auth_failure();
             return Err(wrong_credentials());
         }
-        let account = self.shared.store.account_by_username(&key).await?;
         let valid = self
             .shared
             .passwords
             .verify(
                 &r.password,
                 account.as_ref().map(|a| a.password_hash.as_str()),
+                budget.lane(),
             )
             .await?;
         let Some(account) = account.filter(|_| valid) else {
-            self.shared.login_failures.record(&key);
+            self.record_login_failure(&budget);
             metrics::auth_failure();
             return Err(wrong_credentials());
         };
-        self.shared.login_failures.clear(&key);
+        self.clear_login_failures(&budget);
+        // A known device keeps its cookie; any other gets a new one.
+        let (cookie, cookie_hash) = match (&budget, cookie_hash) {
+            (Budget::Cookie(_), Some(hash)) => (r.login_cookie, hash),
+            _ => {
+                let (cookie, hash) = auth::new_login_cookie();
+                (bytes::Bytes::copy_from_slice(&cookie), hash)
+            }
+        };
+        self.shared
+            .store
+            .remember_login_cookie(
+                account.user.id,
+                &cookie_hash,
+                now_millis(),
+                LOGIN_COOKIES_PER_ACCOUNT,
+            )
+            .await?;
         let (token, token_hash) = auth::new_token();
         let session = self
             .shared
@@ -124,12 +151,26 @@ impl Session {
                 expires_at: now_millis().saturating_add(self.session_ttl_ms()),
             })
             .await?;
-        self.authenticated(session, token.to_vec())
+        self.authenticated(session, token.to_vec(), cookie)
     }
 
     pub(crate) async fn resume(&mut self, r: pb::Resume) -> Handled {
+        // Invalid resumes are counted per address, and once over the limit every resume from
+        // it is refused before the store is asked: a flood of made-up tokens costs no reads.
+        let address = AddressGroup::of(self.peer.ip());
+        self.shared
+            .invalid_resumes
+            .check(&address)
+            .map_err(|wait| {
+                metrics::auth_refused(metrics::budget::INVALID_RESUME);
+                rate_limited(
+                    "too many resumes with unknown or expired tokens from this address",
+                    wait,
+                )
+            })?;
         let hash = auth::token_hash(&r.session_token);
         let Some(mut session) = self.shared.store.session_by_token(&hash).await? else {
+            self.shared.invalid_resumes.record(&address);
             metrics::auth_failure();
             return Err(WireError::new(
                 ErrorCode::Unauthenticated,
@@ -138,6 +179,7 @@ impl Session {
         };
         let now = now_millis();
         if session.expires_at <= now {
+            self.shared.invalid_resumes.record(&address);
             self.shared.store.delete_session(session.device).await?;
             metrics::auth_failure();
             return Err(WireError::new(
@@ -145,6 +187,15 @@ impl Session {
                 "session expired; log in again",
             ));
         }
+        // Each resume replaces the device's live connection (and fences the old one): a storm
+        // of them would only churn connections and memory.
+        self.shared
+            .resumes
+            .try_take(&session.device)
+            .map_err(|wait| {
+                metrics::auth_refused(metrics::budget::RESUME_DEVICE);
+                rate_limited("this device resumed too often; retry later", wait)
+            })?;
         // Sliding expiry, but written at most once per tenth of the lifetime: a reconnect storm
         // then costs reads, not a write per client.
         let ttl = self.session_ttl_ms();
@@ -156,16 +207,22 @@ impl Session {
                 .touch_session(session.device, session.expires_at)
                 .await?;
         }
-        self.authenticated(session, r.session_token.to_vec())
+        self.authenticated(session, r.session_token.to_vec(), bytes::Bytes::new())
     }
 
-    fn authenticated(&mut self, session: StoredSession, token: Vec<u8>) -> Handled {
+    fn authenticated(
+        &mut self,
+        session: StoredSession,
+        token: Vec<u8>,
+        login_cookie: bytes::Bytes,
+    ) -> Handled {
         let resp = Resp::Authenticated(pb::Authenticated {
             user: Some(pb::User::from(&session.user)),
             session_token: token.into(),
             device_id: session.device.0,
             expires_at_ms: session.expires_at,
             acked_seq: session.acked.0,
+            login_cookie,
         });
         Ok((
             resp,
@@ -191,14 +248,20 @@ impl Session {
         ok(Resp::Ok(pb::Ok {}))
     }
 
-    /// Checks the caller's password (for change and delete), counting failures per account.
+    /// Checks the caller's password (for change and delete), counting failures per device:
+    /// the session proves a known device, so others' failed logins never block this.
     async fn check_own_password(&self, password: &str) -> Result<(), WireError> {
-        let me = &self.authed()?.user;
-        let key = me.username.to_ascii_lowercase();
+        let (me, device) = {
+            let a = self.authed()?;
+            (&a.user, a.device)
+        };
         self.shared
-            .login_failures
-            .check(&key)
-            .map_err(|wait| rate_limited("too many wrong passwords for this account", wait))?;
+            .password_failures
+            .check(&device)
+            .map_err(|wait| {
+                metrics::auth_refused(metrics::budget::DEVICE_PASSWORD);
+                rate_limited("too many wrong passwords on this device", wait)
+            })?;
         let account = self
             .shared
             .store
@@ -211,10 +274,10 @@ impl Session {
             || !self
                 .shared
                 .passwords
-                .verify(password, Some(&account.password_hash))
+                .verify(password, Some(&account.password_hash), Lane::Reserved)
                 .await?
         {
-            self.shared.login_failures.record(&key);
+            self.shared.password_failures.record(&device);
             metrics::auth_failure();
             // Not UNAUTHENTICATED: the session itself stays valid.
             return Err(WireError::new(
@@ -232,7 +295,11 @@ impl Session {
             let a = self.authed()?;
             (a.user.id, a.device)
         };
-        let hash = self.shared.passwords.hash(&r.new_password).await?;
+        let hash = self
+            .shared
+            .passwords
+            .hash(&r.new_password, Lane::Reserved)
+            .await?;
         let revoked = self
             .shared
             .store

@@ -3,6 +3,7 @@
 
 mod accounts;
 mod groups;
+mod login_budget;
 mod messages;
 
 use messenger_protocol::{ErrorCode, WireError};

@@ -1309,6 +1309,85 @@ where
     store.close().await.unwrap();
 }
 
+// ----- login cookies -----
+
+pub(crate) async fn login_cookies_belong_to_one_account_are_bounded_and_revoked(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let cookie = |n: u8| [n; 32];
+    store
+        .remember_login_cookie(alice.id, &cookie(1), 10, 3)
+        .await
+        .unwrap();
+    assert!(store.has_login_cookie(alice.id, &cookie(1)).await.unwrap());
+    // Another account's cookie, a made-up one and a missing user find nothing.
+    assert!(!store.has_login_cookie(bob.id, &cookie(1)).await.unwrap());
+    assert!(!store.has_login_cookie(alice.id, &cookie(9)).await.unwrap());
+    assert!(!store.has_login_cookie(UserId(0), &cookie(1)).await.unwrap());
+    assert_err(
+        store
+            .remember_login_cookie(MISSING_USER, &cookie(2), 10, 3)
+            .await,
+        &StoreError::NotFound("user"),
+    );
+
+    // Only the `keep` most recently used stay; using a cookie again keeps it.
+    for (n, at) in [(2, 20), (3, 30)] {
+        store
+            .remember_login_cookie(alice.id, &cookie(n), at, 3)
+            .await
+            .unwrap();
+    }
+    store
+        .remember_login_cookie(alice.id, &cookie(1), 40, 3)
+        .await
+        .unwrap();
+    store
+        .remember_login_cookie(alice.id, &cookie(4), 50, 3)
+        .await
+        .unwrap();
+    let mut kept = Vec::new();
+    for n in 1..=4 {
+        if store.has_login_cookie(alice.id, &cookie(n)).await.unwrap() {
+            kept.push(n);
+        }
+    }
+    assert_eq!(kept, vec![1, 3, 4], "the least recently used cookie goes");
+
+    // The same bytes may be remembered for two accounts without touching each other.
+    store
+        .remember_login_cookie(bob.id, &cookie(3), 60, 3)
+        .await
+        .unwrap();
+    let session = login(store, &alice, 7).await;
+    store
+        .change_password(alice.id, "new-hash", session.device)
+        .await
+        .unwrap();
+    for n in 1..=4 {
+        assert!(
+            !store.has_login_cookie(alice.id, &cookie(n)).await.unwrap(),
+            "a password change revokes every login cookie"
+        );
+    }
+    assert!(store.has_login_cookie(bob.id, &cookie(3)).await.unwrap());
+
+    store
+        .remember_login_cookie(bob.id, &cookie(5), 70, 3)
+        .await
+        .unwrap();
+    store.delete_account(bob.id).await.unwrap();
+    assert!(!store.has_login_cookie(bob.id, &cookie(5)).await.unwrap());
+    // A new account under the freed name does not inherit them.
+    let bob_again = create(store, "bob").await;
+    assert!(
+        !store
+            .has_login_cookie(bob_again.id, &cookie(5))
+            .await
+            .unwrap()
+    );
+}
+
 /// Every suite function that runs unchanged on each backend, once: a backend module defines
 /// its `suite!` (how to give a test a fresh store) and calls `for_each_backend!(suite)`, so no
 /// backend can miss a test another one runs.
@@ -1337,6 +1416,7 @@ macro_rules! for_each_backend {
                 create_group_checks_users_and_size,
                 leaving_hands_admin_to_the_longest_standing_member,
                 the_cluster_id_is_32_hex_chars_and_stable,
+                login_cookies_belong_to_one_account_are_bounded_and_revoked,
                 closed_store_is_unavailable,
             ],
             shared: [
@@ -1714,19 +1794,20 @@ pub(crate) mod postgres_backend {
             .batch_execute("INSERT INTO cluster_identity (id) VALUES (repeat('a', 32))")
             .await;
         assert!(second.is_err(), "a second identity row was accepted");
-        // Back to a V1 database, as one created before this migration existed.
+        // Back to a V1 database, as one created before these migrations existed (refinery
+        // refuses to apply a version below the newest applied one, so the later ones go too).
         client
             .batch_execute(
-                "DROP TABLE cluster_identity; \
-                 DELETE FROM refinery_schema_history WHERE version = 2",
+                "DROP TABLE cluster_identity; DROP TABLE login_cookies; \
+                 DELETE FROM refinery_schema_history WHERE version IN (2, 4)",
             )
             .await
-            .expect("undo V2");
+            .expect("undo V2 and V4");
         a.close().await.expect("close");
         let applied = super::super::postgres::migrate(&one.config, Duration::from_secs(5))
             .await
             .expect("upgrade in place");
-        assert_eq!(applied, 1);
+        assert_eq!(applied, 2);
         let upgraded = one.open(options()).await;
         let new_id = upgraded.cluster_id().await.expect("id after upgrade");
         assert_eq!(new_id.len(), 32);

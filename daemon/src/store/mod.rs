@@ -101,8 +101,8 @@ pub trait Store: Send + Sync + 'static {
     /// Sets the display name; `NotFound("user")` for a missing account.
     async fn update_display_name(&self, user: UserId, display_name: &str) -> StoreResult<User>;
 
-    /// Replaces the password hash and deletes every session of the user except `keep`.
-    /// Returns the devices whose sessions were deleted.
+    /// Replaces the password hash and deletes every session of the user except `keep`, and
+    /// every login cookie of the user. Returns the devices whose sessions were deleted.
     async fn change_password(
         &self,
         user: UserId,
@@ -110,7 +110,7 @@ pub trait Store: Send + Sync + 'static {
         keep: DeviceId,
     ) -> StoreResult<Vec<DeviceId>>;
 
-    /// Deletes the account: its sessions, inbox, cursors and memberships go; the username is
+    /// Deletes the account: its sessions, login cookies, inbox, cursors and memberships go; the username is
     /// free again; messages it sent stay in others' inboxes and history with the stamped sender.
     /// Groups left without an admin get their longest-standing member as admin. Returns the
     /// devices whose sessions were deleted.
@@ -135,6 +135,22 @@ pub trait Store: Send + Sync + 'static {
     /// Raises the device's cursor to `up_to` (never lowers it), and the user's high-water mark
     /// with it. Acks above the user's newest seq are clamped to it.
     async fn ack(&self, device: DeviceId, up_to: Seq) -> StoreResult<()>;
+
+    // ----- login cookies -----
+
+    /// Records that the device holding the login cookie with this hash signed in to `user`
+    /// at `used_at`: inserts the cookie or refreshes its last use, then keeps only the `keep`
+    /// most recently used cookies of the user. `NotFound("user")` for a missing account.
+    async fn remember_login_cookie(
+        &self,
+        user: UserId,
+        cookie_hash: &[u8; 32],
+        used_at: UnixMillis,
+        keep: usize,
+    ) -> StoreResult<()>;
+
+    /// Whether `user` has a login cookie with this hash (false for a missing user).
+    async fn has_login_cookie(&self, user: UserId, cookie_hash: &[u8; 32]) -> StoreResult<bool>;
 
     // ----- messages -----
 

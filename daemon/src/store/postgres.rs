@@ -837,6 +837,11 @@ impl Store for PostgresStore {
             .iter()
             .map(|row| get_u64(row, 0).map(DeviceId))
             .collect::<StoreResult<Vec<_>>>()?;
+        db.execute(
+            "DELETE FROM login_cookies WHERE user_id = $1",
+            &[&id_param(user.0)],
+        )
+        .await?;
         tx.commit().await.map_err(pg_error)?;
         devices.sort_unstable();
         Ok(devices)
@@ -875,6 +880,8 @@ impl Store for PostgresStore {
             .map(|row| get_u64(row, 0).map(DeviceId))
             .collect::<StoreResult<Vec<_>>>()?;
         devices.sort_unstable();
+        db.execute("DELETE FROM login_cookies WHERE user_id = $1", &[&id])
+            .await?;
         db.execute("DELETE FROM inbox WHERE user_id = $1", &[&id])
             .await?;
         for group in groups {
@@ -987,6 +994,55 @@ impl Store for PostgresStore {
         db.execute("DELETE FROM sessions WHERE id = $1", &[&id_param(device.0)])
             .await?;
         Ok(())
+    }
+
+    async fn remember_login_cookie(
+        &self,
+        user: UserId,
+        cookie_hash: &[u8; 32],
+        used_at: UnixMillis,
+        keep: usize,
+    ) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        begin!(conn, tx, db);
+        let id = id_param(user.0);
+        // The user row's lock orders this against a concurrent delete_account, which would
+        // otherwise leave the insert failing on the foreign key, or a trim racing another.
+        if db
+            .query_opt("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&id])
+            .await?
+            .is_none()
+        {
+            return Err(StoreError::NotFound("user"));
+        }
+        db.execute(
+            "INSERT INTO login_cookies (user_id, cookie_hash, created_at, last_used_at) \
+             VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (user_id, cookie_hash) DO UPDATE SET last_used_at = excluded.last_used_at",
+            &[&id, &&cookie_hash[..], &used_at],
+        )
+        .await?;
+        db.execute(
+            "DELETE FROM login_cookies WHERE user_id = $1 AND cookie_hash NOT IN \
+             (SELECT cookie_hash FROM login_cookies WHERE user_id = $1 \
+              ORDER BY last_used_at DESC, created_at DESC LIMIT $2)",
+            &[&id, &limit_param(keep)],
+        )
+        .await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn has_login_cookie(&self, user: UserId, cookie_hash: &[u8; 32]) -> StoreResult<bool> {
+        let mut conn = self.conn().await?;
+        let mut db = db!(conn);
+        Ok(db
+            .query_opt(
+                "SELECT 1 FROM login_cookies WHERE user_id = $1 AND cookie_hash = $2",
+                &[&id_param(user.0), &&cookie_hash[..]],
+            )
+            .await?
+            .is_some())
     }
 
     async fn ack(&self, device: DeviceId, up_to: Seq) -> StoreResult<()> {

@@ -960,6 +960,8 @@ fn change_password(
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     devices.sort_unstable();
+    conn.prepare_cached("DELETE FROM login_cookies WHERE user_id = ?1")?
+        .execute([id_param(user.0)])?;
     Ok(devices)
 }
 
@@ -976,6 +978,8 @@ fn delete_account(w: &mut Writer, user: UserId) -> StoreResult<Vec<DeviceId>> {
         .query_map([id], |row| get_u64(row, 0).map(DeviceId))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     devices.sort_unstable();
+    conn.prepare_cached("DELETE FROM login_cookies WHERE user_id = ?1")?
+        .execute([id])?;
     conn.prepare_cached("DELETE FROM inbox WHERE user_id = ?1")?
         .execute([id])?;
     let groups = conn
@@ -1026,6 +1030,42 @@ fn create_session(w: &mut Writer, session: &NewSession) -> StoreResult<Session> 
         Err(e) if is_unique_violation(&e) => Err(StoreError::AlreadyExists("session")),
         Err(e) => Err(e.into()),
     }
+}
+
+fn remember_login_cookie(
+    w: &mut Writer,
+    user: UserId,
+    cookie_hash: &[u8; 32],
+    used_at: UnixMillis,
+    keep: usize,
+) -> StoreResult<()> {
+    if !w.users.exists(&w.conn, user)? {
+        return Err(StoreError::NotFound("user"));
+    }
+    let id = id_param(user.0);
+    w.conn
+        .prepare_cached(
+            "INSERT INTO login_cookies (user_id, cookie_hash, created_at, last_used_at) \
+             VALUES (?1, ?2, ?3, ?3) \
+             ON CONFLICT (user_id, cookie_hash) DO UPDATE SET last_used_at = excluded.last_used_at",
+        )?
+        .execute(params![id, &cookie_hash[..], used_at])?;
+    w.conn
+        .prepare_cached(
+            "DELETE FROM login_cookies WHERE user_id = ?1 AND cookie_hash NOT IN \
+             (SELECT cookie_hash FROM login_cookies WHERE user_id = ?1 \
+              ORDER BY last_used_at DESC, created_at DESC LIMIT ?2)",
+        )?
+        .execute(params![id, limit_param(keep)])?;
+    Ok(())
+}
+
+fn has_login_cookie(conn: &Connection, user: UserId, cookie_hash: &[u8; 32]) -> StoreResult<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM login_cookies WHERE user_id = ?1 AND cookie_hash = ?2")?
+        .query_row(params![id_param(user.0), &cookie_hash[..]], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 fn touch_session(conn: &Connection, device: DeviceId, expires_at: UnixMillis) -> StoreResult<()> {
@@ -1687,6 +1727,26 @@ impl Store for SqliteStore {
 
     async fn ack(&self, device: DeviceId, up_to: Seq) -> StoreResult<()> {
         self.write(Isolation::ValidatesFirst, move |w| ack(w, device, up_to))
+            .await
+    }
+
+    async fn remember_login_cookie(
+        &self,
+        user: UserId,
+        cookie_hash: &[u8; 32],
+        used_at: UnixMillis,
+        keep: usize,
+    ) -> StoreResult<()> {
+        let cookie_hash = *cookie_hash;
+        self.write(Isolation::ValidatesFirst, move |w| {
+            remember_login_cookie(w, user, &cookie_hash, used_at, keep)
+        })
+        .await
+    }
+
+    async fn has_login_cookie(&self, user: UserId, cookie_hash: &[u8; 32]) -> StoreResult<bool> {
+        let cookie_hash = *cookie_hash;
+        self.read(move |c| has_login_cookie(c, user, &cookie_hash))
             .await
     }
 

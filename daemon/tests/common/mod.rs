@@ -31,6 +31,10 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     c.limits.messages_per_second = 100_000;
     c.limits.message_burst = 100_000;
     c.limits.auth_attempts_per_ip = 100_000;
+    c.limits.invalid_resumes_per_ip = 100_000;
+    c.limits.resumes_per_device_per_minute = 100_000;
+    c.limits.resume_burst_per_device = 100_000;
+    c.passwords.hash_queue = 100_000;
     c.timeouts.shutdown_drain_secs = 3;
     // Graceful restarts keep data without fsync; the SIGTERM test runs the binary with it on.
     c.store.sqlite_sync_full = false;

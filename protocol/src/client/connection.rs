@@ -672,17 +672,35 @@ impl Connection {
         }
     }
 
-    /// Logs in; the server then replays the inbox after this device's cursor.
+    /// Logs in without a login cookie; the server then replays the inbox after this
+    /// device's cursor. Prefer [`login_with_cookie`](Self::login_with_cookie) (or
+    /// [`Client::login`](super::Client::login), which keeps cookies): without one, the
+    /// attempt shares the account's failed-login budget with everyone else.
     pub async fn login(
         &self,
         username: &str,
         password: &str,
         device_name: &str,
     ) -> Result<pb::Authenticated, ClientError> {
+        self.login_with_cookie(username, password, device_name, &[])
+            .await
+    }
+
+    /// Logs in presenting `login_cookie` (the `Authenticated.login_cookie` of this device's
+    /// last successful login of `username`; empty for none). Keep the cookie the answer
+    /// carries for the next login.
+    pub async fn login_with_cookie(
+        &self,
+        username: &str,
+        password: &str,
+        device_name: &str,
+        login_cookie: &[u8],
+    ) -> Result<pb::Authenticated, ClientError> {
         let kind = client_frame::Kind::Login(pb::Login {
             username: username.into(),
             password: password.into(),
             device_name: device_name.into(),
+            login_cookie: Bytes::copy_from_slice(login_cookie),
         });
         match self.request(kind).await? {
             server_frame::Kind::Authenticated(a) => Ok(a),

@@ -6,11 +6,17 @@
 //! device's cursor after a Resume, entries the application already saw are dropped here:
 //! the application sees each seq at most once per `Client`, in increasing order.
 //!
+//! It also keeps the login cookie the server gave each username it logged in as (see
+//! [`Client::login`]); an application that outlives the process saves them with
+//! [`Client::login_cookies`] and restores them with [`Client::set_login_cookie`].
+//!
 //! It never acknowledges anything the application has not been given (acks are explicit:
 //! [`Client::ack_seen`]), and never reconnects behind the application's back.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rand::Rng;
 use tracing::{debug, trace};
 
@@ -34,6 +40,13 @@ pub struct Client {
     last_seen_seq: u64,
     seq_owner: Option<u64>,
     go_away: Option<pb::GoAway>,
+    /// Login cookie per case-folded username.
+    login_cookies: HashMap<String, Bytes>,
+}
+
+/// The key cookies are kept under: usernames are case-insensitive (ASCII) on the server.
+fn cookie_key(username: &str) -> String {
+    username.to_ascii_lowercase()
 }
 
 impl Client {
@@ -48,6 +61,7 @@ impl Client {
             last_seen_seq: 0,
             seq_owner: None,
             go_away: None,
+            login_cookies: HashMap::new(),
         })
     }
 
@@ -66,6 +80,7 @@ impl Client {
             last_seen_seq: 0,
             seq_owner: None,
             go_away: None,
+            login_cookies: HashMap::new(),
         })
     }
 
@@ -105,16 +120,45 @@ impl Client {
         self.conn.register(username, password, display_name).await
     }
 
-    /// Logs in and keeps the session for [`reconnect`](Self::reconnect).
+    /// Logs in and keeps the session for [`reconnect`](Self::reconnect). Presents the login
+    /// cookie kept for `username`, if any, and keeps the one the server returns: with it,
+    /// other people's failed logins of this account never lock this device out.
     pub async fn login(
         &mut self,
         username: &str,
         password: &str,
         device_name: &str,
     ) -> Result<pb::Authenticated, ClientError> {
-        let auth = self.conn.login(username, password, device_name).await?;
+        let key = cookie_key(username);
+        let cookie = self.login_cookies.get(&key).cloned().unwrap_or_default();
+        let auth = self
+            .conn
+            .login_with_cookie(username, password, device_name, &cookie)
+            .await?;
+        if !auth.login_cookie.is_empty() {
+            self.login_cookies.insert(key, auth.login_cookie.clone());
+        }
         self.adopt(auth.clone());
         Ok(auth)
+    }
+
+    /// The login cookie kept for `username` (from a login of this `Client`, or restored).
+    pub fn login_cookie(&self, username: &str) -> Option<&Bytes> {
+        self.login_cookies.get(&cookie_key(username))
+    }
+
+    /// Every login cookie kept, by case-folded username, for saving.
+    pub fn login_cookies(&self) -> &HashMap<String, Bytes> {
+        &self.login_cookies
+    }
+
+    /// Restores a saved login cookie for `username` (an empty one forgets it).
+    pub fn set_login_cookie(&mut self, username: &str, cookie: Bytes) {
+        if cookie.is_empty() {
+            self.login_cookies.remove(&cookie_key(username));
+        } else {
+            self.login_cookies.insert(cookie_key(username), cookie);
+        }
     }
 
     /// Resumes a session from its token (e.g. saved by a previous process) and keeps it.

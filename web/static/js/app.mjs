@@ -12,7 +12,10 @@ const $ = (id) => document.getElementById(id);
 state.addEventListener("change", (e) => view.render(e.detail));
 
 function showError(err) {
-  state.error = err?.message || String(err);
+  const message = err?.message || String(err);
+  // Every refusal a retry can fix says when (rate limits, a busy server).
+  const wait = Math.ceil((err?.retryAfterMs ?? 0) / 1000);
+  state.error = wait > 0 ? `${message} (try again in ${wait} s)` : message;
   state.changed();
 }
 

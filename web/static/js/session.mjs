@@ -22,6 +22,11 @@ const HISTORY_PAGE = 30;
 // sessionStorage, resume on reload").
 const TOKEN = "messenger.token";
 const userKey = (userId, what) => `messenger.${userId}.${what}`;
+// localStorage: this browser's login cookie per (case-folded) username. It outlives the tab and
+// logouts on purpose: it marks the browser as one that signed in before, so other people's
+// failed logins of the account never lock it out (docs/PROTOCOL.md §5.3.1). It lets nobody in
+// without the password.
+const cookieKey = (username) => `messenger.loginCookie.${username.toLowerCase()}`;
 
 const toBase64 = (bytes) => btoa(String.fromCharCode(...bytes));
 const fromBase64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
@@ -34,6 +39,7 @@ export class Session {
   #state;
   #url;
   #storage;
+  #cookies;
   #conn = null;
   #authenticated = false;
   #lastSeq = 0;
@@ -46,10 +52,14 @@ export class Session {
   #countdownTimer = null;
   #wantConnection = false;
 
-  constructor(state, { url = defaultUrl(), storage = sessionStorage } = {}) {
+  constructor(
+    state,
+    { url = defaultUrl(), storage = sessionStorage, cookies = localStorage } = {},
+  ) {
     this.#state = state;
     this.#url = url;
     this.#storage = storage;
+    this.#cookies = cookies;
     addEventListener("online", () => this.#onBrowserOnline());
     addEventListener("offline", () => this.#onBrowserOffline());
   }
@@ -102,7 +112,20 @@ export class Session {
   }
 
   async #login(conn, username, password) {
-    const auth = await conn.request("login", { username, password, deviceName: "browser" });
+    const saved = this.#cookies.getItem(cookieKey(username));
+    let loginCookie = new Uint8Array();
+    try {
+      if (saved) loginCookie = fromBase64(saved);
+    } catch {
+      // A damaged entry is no cookie: this login just shares the account's budget.
+    }
+    const auth = await conn.request("login", {
+      username,
+      password,
+      deviceName: "browser",
+      loginCookie,
+    });
+    if (auth.loginCookie?.length) this.#cookies.setItem(cookieKey(username), toBase64(auth.loginCookie));
     this.#storage.setItem(TOKEN, toBase64(auth.sessionToken));
     this.#wantConnection = true;
     await this.#authenticatedOn(conn, auth);

@@ -650,6 +650,7 @@ export const messenger = $root.messenger = (() => {
             HelloOk.prototype.protocolVersion = 0;
             HelloOk.prototype.server = "";
             HelloOk.prototype.limits = null;
+            HelloOk.prototype.node = "";
 
             HelloOk.create = function(properties) {
                 return new HelloOk(properties);
@@ -668,6 +669,8 @@ export const messenger = $root.messenger = (() => {
                     writer.uint32(18).string(message.server);
                 if (message.limits != null && $Object.hasOwnProperty.call(message, "limits"))
                     $root.messenger.v1.Limits.encode(message.limits, writer.uint32(26).fork(), _depth + 1).ldelim();
+                if (message.node != null && $Object.hasOwnProperty.call(message, "node") && message.node !== "")
+                    writer.uint32(34).string(message.node);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -723,6 +726,15 @@ export const messenger = $root.messenger = (() => {
                             if (wireType !== 2)
                                 break;
                             message.limits = $root.messenger.v1.Limits.decode(reader, reader.size(), $undefined, _depth + 1, message.limits);
+                            continue;
+                        }
+                    case 4: {
+                            if (wireType !== 2)
+                                break;
+                            if ((value = reader.stringVerify()).length)
+                                message.node = value;
+                            else
+                                delete message.node;
                             continue;
                         }
                     }
@@ -1084,6 +1096,7 @@ export const messenger = $root.messenger = (() => {
             Login.prototype.username = "";
             Login.prototype.password = "";
             Login.prototype.deviceName = "";
+            Login.prototype.loginCookie = $util.newBuffer([]);
 
             Login.create = function(properties) {
                 return new Login(properties);
@@ -1102,6 +1115,8 @@ export const messenger = $root.messenger = (() => {
                     writer.uint32(18).string(message.password);
                 if (message.deviceName != null && $Object.hasOwnProperty.call(message, "deviceName") && message.deviceName !== "")
                     writer.uint32(26).string(message.deviceName);
+                if (message.loginCookie != null && $Object.hasOwnProperty.call(message, "loginCookie") && message.loginCookie.length)
+                    writer.uint32(34).bytes(message.loginCookie);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -1160,6 +1175,15 @@ export const messenger = $root.messenger = (() => {
                                 message.deviceName = value;
                             else
                                 delete message.deviceName;
+                            continue;
+                        }
+                    case 4: {
+                            if (wireType !== 2)
+                                break;
+                            if ((value = reader.bytes()).length)
+                                message.loginCookie = value;
+                            else
+                                delete message.loginCookie;
                             continue;
                         }
                     }
@@ -1282,6 +1306,7 @@ export const messenger = $root.messenger = (() => {
             Authenticated.prototype.deviceId = $util.Long ? $util.Long.fromBits(0,0,true) : 0;
             Authenticated.prototype.expiresAtMs = $util.Long ? $util.Long.fromBits(0,0,false) : 0;
             Authenticated.prototype.ackedSeq = $util.Long ? $util.Long.fromBits(0,0,true) : 0;
+            Authenticated.prototype.loginCookie = $util.newBuffer([]);
 
             Authenticated.create = function(properties) {
                 return new Authenticated(properties);
@@ -1304,6 +1329,8 @@ export const messenger = $root.messenger = (() => {
                     writer.uint32(32).int64(message.expiresAtMs);
                 if (message.ackedSeq != null && $Object.hasOwnProperty.call(message, "ackedSeq") && (typeof message.ackedSeq === "object" ? message.ackedSeq.low || message.ackedSeq.high : message.ackedSeq !== 0))
                     writer.uint32(40).uint64(message.ackedSeq);
+                if (message.loginCookie != null && $Object.hasOwnProperty.call(message, "loginCookie") && message.loginCookie.length)
+                    writer.uint32(50).bytes(message.loginCookie);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -1377,6 +1404,15 @@ export const messenger = $root.messenger = (() => {
                                 message.ackedSeq = value;
                             else
                                 delete message.ackedSeq;
+                            continue;
+                        }
+                    case 6: {
+                            if (wireType !== 2)
+                                break;
+                            if ((value = reader.bytes()).length)
+                                message.loginCookie = value;
+                            else
+                                delete message.loginCookie;
                             continue;
                         }
                     }
