@@ -74,6 +74,7 @@ fn fixture(rt: &Runtime, users: usize, synchronous_full: bool) -> Fixture {
                     username_key: name.clone(),
                     display_name: name,
                     password_hash: "x".into(),
+                    group_adds: Default::default(),
                 })
                 .await
                 .expect("create account");

@@ -65,6 +65,7 @@ impl Session {
                 username_key,
                 display_name,
                 password_hash,
+                group_adds: GroupAdds::default(),
             })
             .await
             .map_err(|e| match e {

@@ -24,9 +24,9 @@ mod conformance;
 use async_trait::async_trait;
 
 use crate::model::{
-    Account, Appended, Conversation, ConversationPage, ConversationQuery, DeviceId, Group, GroupId,
-    InboxEntry, MessageId, NewMessage, Profile, ProfileChange, Seq, Session, StoredMessage,
-    UnixMillis, User, UserId,
+    Account, Appended, Conversation, ConversationPage, ConversationQuery, DeviceId, Group,
+    GroupAdds, GroupId, InboxEntry, MessageId, NewMessage, Profile, ProfileChange, Seq, Session,
+    StoredMessage, UnixMillis, User, UserId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +104,8 @@ pub struct NewAccount {
     pub username_key: String,
     pub display_name: String,
     pub password_hash: String,
+    /// Who may add the new account to groups (`GroupAdds::default()` for a registration).
+    pub group_adds: GroupAdds,
 }
 
 /// A new session (device) created by a login.

@@ -827,13 +827,14 @@ impl Store for PostgresStore {
         let inserted = db
             .try_query_opt(
                 "INSERT INTO users (username, username_key, display_name, password_hash, \
-                 created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                 created_at, group_adds) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
                 &[
                     &account.username,
                     &account.username_key,
                     &account.display_name,
                     &account.password_hash,
                     &now_millis(),
+                    &account.group_adds.as_str(),
                 ],
             )
             .await?;

@@ -938,8 +938,8 @@ fn create_account(w: &mut Writer, account: &NewAccount) -> StoreResult<User> {
     let inserted = w
         .conn
         .prepare_cached(
-            "INSERT INTO users (username, username_key, display_name, password_hash, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+            "INSERT INTO users (username, username_key, display_name, password_hash, created_at, \
+             group_adds) VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
         )?
         .query_row(
             params![
@@ -947,7 +947,8 @@ fn create_account(w: &mut Writer, account: &NewAccount) -> StoreResult<User> {
                 account.username_key,
                 account.display_name,
                 account.password_hash,
-                now_millis()
+                now_millis(),
+                account.group_adds.as_str()
             ],
             |row| get_u64(row, 0),
         );
