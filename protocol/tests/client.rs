@@ -130,6 +130,7 @@ fn limits() -> pb::Limits {
         max_group_members: 100,
         max_history_page: 50,
         idle_timeout_ms: 60_000,
+        max_conversation_page: 20,
     }
 }
 
@@ -183,6 +184,7 @@ fn authenticated(token: &[u8], acked_seq: u64) -> server_frame::Kind {
         device_id: 7,
         expires_at_ms: i64::MAX,
         acked_seq,
+        settings: None,
     })
 }
 
