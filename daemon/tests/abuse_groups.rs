@@ -132,7 +132,10 @@ async fn anyone_lets_a_stranger_add_the_user() {
     assert_eq!(group_ids(&open).await, [group.group_id]);
 
     // Changing the name alone keeps the setting.
-    open.conn().update_profile("Open Door").await.expect("rename");
+    open.conn()
+        .update_profile("Open Door")
+        .await
+        .expect("rename");
     let tablet = ts.device("open", "tablet").await;
     let again = tablet.session().and_then(|a| a.settings).expect("settings");
     assert_eq!(again.group_adds(), pb::GroupAddPolicy::Anyone);
@@ -258,11 +261,18 @@ async fn anyone_can_leave_any_group() {
     let g = group.group_id;
 
     plain.conn().leave_group(g).await.expect("a member leaves");
-    admin.conn().leave_group(g).await.expect("the last admin leaves");
+    admin
+        .conn()
+        .leave_group(g)
+        .await
+        .expect("the last admin leaves");
     let left = heir.conn().get_group(g).await.expect("still there");
     assert_eq!(left.members.len(), 1);
     assert!(left.members[0].admin, "the heir became admin: {left:?}");
-    heir.conn().leave_group(g).await.expect("the last one leaves");
+    heir.conn()
+        .leave_group(g)
+        .await
+        .expect("the last one leaves");
     let gone = heir.conn().get_group(g).await.expect_err("deleted");
     assert_eq!(code(&gone), Some(ErrorCode::NotFound));
     ts.stop().await;
@@ -451,12 +461,18 @@ async fn a_group_you_are_not_in_answers_exactly_like_a_missing_one() {
         .expect("leave");
     let someone = member_user.user_id;
 
-    async fn every_request(c: &Client, group: u64, someone: u64) -> Vec<(Option<ErrorCode>, String)> {
+    async fn every_request(
+        c: &Client,
+        group: u64,
+        someone: u64,
+    ) -> Vec<(Option<ErrorCode>, String)> {
         let conn = c.conn();
         let mut out = Vec::new();
         let results = [
             conn.get_group(group).await.map(drop),
-            conn.send_text(Recipient::Group(group), "hi").await.map(drop),
+            conn.send_text(Recipient::Group(group), "hi")
+                .await
+                .map(drop),
             conn.add_members(group, &[someone]).await.map(drop),
             conn.remove_member(group, someone).await.map(drop),
             conn.leave_group(group).await,
