@@ -241,6 +241,7 @@ export class Session {
       this.#pending = [];
     }
     state.me = auth.user;
+    state.groupAdds = auth.settings?.groupAdds || 0;
     state.error = "";
     state.resuming = false;
     this.#conn = conn;
@@ -529,6 +530,13 @@ export class Session {
     const g = await this.#request("getGroup", { groupId: c.to.groupId });
     c.title = g.name;
     c.members = g.members;
+    this.#state.changed();
+  }
+
+  /** Who may add me to groups: a GroupAddPolicy number (PROTOCOL.md §8.5). */
+  async setGroupAdds(policy) {
+    await this.#request("updateProfile", { groupAdds: policy });
+    this.#state.groupAdds = policy;
     this.#state.changed();
   }
 
