@@ -35,7 +35,7 @@ pub(crate) fn page(
     limit: usize,
 ) -> Vec<(MessageId, Candidate)> {
     candidates.retain(|(key, _)| key.0 < bound);
-    candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    candidates.sort_unstable_by_key(|(key, _)| std::cmp::Reverse(*key));
     candidates.truncate(limit);
     candidates
 }
