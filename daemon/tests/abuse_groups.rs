@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{TestServer, code, deliveries};
+use common::{TestServer, code, deliveries, use_postgres};
+use messenger_daemon::testing::TestDatabase;
 use messenger_protocol::ErrorCode;
 use messenger_protocol::client::{Client, ClientError, Recipient};
 use messenger_protocol::pb;
@@ -200,6 +201,11 @@ async fn nobody_refuses_even_contacts() {
 #[tokio::test]
 async fn a_refused_add_changes_nothing() {
     let ts = TestServer::start().await;
+    refused_add_changes_nothing(&ts).await;
+    ts.stop().await;
+}
+
+async fn refused_add_changes_nothing(ts: &TestServer) {
     let (admin, _) = ts.user("admin").await;
     let (willing, willing_user) = ts.open_user("willing").await;
     let (_unwilling, unwilling_user) = ts.user("unwilling").await;
@@ -242,7 +248,6 @@ async fn a_refused_add_changes_nothing() {
         .expect("group");
     assert_eq!(after.members.len(), 2, "{after:?}");
     assert!(group_ids(&willing).await.is_empty());
-    ts.stop().await;
 }
 
 /// Consent works both ways: whoever is in a group can leave it, a plain member as much as the
@@ -373,6 +378,11 @@ async fn a_victim_in_many_large_groups_still_sees_all_their_real_chats() {
 #[tokio::test]
 async fn paging_lists_every_chat_once_while_messages_arrive() {
     let ts = TestServer::start().await;
+    paging_under_traffic(&ts).await;
+    ts.stop().await;
+}
+
+async fn paging_under_traffic(ts: &TestServer) {
     let (mut reader, reader_user) = ts.user("reader").await;
     let r = reader_user.user_id;
     let mut peers = Vec::new();
@@ -431,7 +441,6 @@ async fn paging_lists_every_chat_once_while_messages_arrive() {
         .await
         .expect_err("a cursor the server did not make");
     assert_eq!(code(&forged), Some(ErrorCode::InvalidArgument));
-    ts.stop().await;
 }
 
 /// F10: "errors reveal which group ids exist". Every group request from someone who is not a
@@ -440,6 +449,11 @@ async fn paging_lists_every_chat_once_while_messages_arrive() {
 #[tokio::test]
 async fn a_group_you_are_not_in_answers_exactly_like_a_missing_one() {
     let ts = TestServer::start().await;
+    hidden_groups(&ts).await;
+    ts.stop().await;
+}
+
+async fn hidden_groups(ts: &TestServer) {
     let (owner, _) = ts.user("owner").await;
     let (former, former_user) = ts.open_user("former").await;
     let (_member, member_user) = ts.open_user("member").await;
@@ -495,5 +509,20 @@ async fn a_group_you_are_not_in_answers_exactly_like_a_missing_one() {
     assert_eq!(hidden, missing, "a stranger can tell the group exists");
     let left = every_request(&former, secret.group_id, someone).await;
     assert_eq!(left, missing, "a former member can tell the group exists");
-    ts.stop().await;
+}
+
+/// The same promises on the PostgreSQL store (F3, F7, F10), where consent, membership and the
+/// listing's snapshot are kept under row locks shared by every node.
+#[tokio::test]
+async fn consent_paging_and_hidden_groups_hold_on_postgres() {
+    for scenario in 0..3 {
+        let db = TestDatabase::create("msgtest_abuse_groups").await;
+        let ts = TestServer::start_with(|c| use_postgres(c, &db.url)).await;
+        match scenario {
+            0 => refused_add_changes_nothing(&ts).await,
+            1 => paging_under_traffic(&ts).await,
+            _ => hidden_groups(&ts).await,
+        }
+        ts.stop().await;
+    }
 }
