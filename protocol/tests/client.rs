@@ -684,7 +684,11 @@ async fn list_conversations_follows_the_cursor_to_the_last_page() {
     let client = Client::connect(options(addr, Trust::CaPem(id.cert_pem.into_bytes())))
         .await
         .expect("connect");
-    let all = client.conn().list_conversations(7).await.expect("all pages");
+    let all = client
+        .conn()
+        .list_conversations(7)
+        .await
+        .expect("all pages");
     let users: Vec<u64> = all
         .iter()
         .map(|c| match &c.with {
