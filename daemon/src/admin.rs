@@ -113,6 +113,10 @@ async fn respond(
         (&Method::GET, "/readyz") => readiness(&shared, &health).await,
         (&Method::GET, "/metrics") => {
             metrics::online_users(shared.hub.online_users());
+            metrics::buffered_bytes(shared.memory.in_use(), shared.memory.total());
+            if let Some(stats) = crate::allocator::stats() {
+                metrics::memory(stats.allocated, stats.resident);
+            }
             (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",

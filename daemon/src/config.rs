@@ -25,6 +25,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub tls: TlsConfig,
     pub limits: Limits,
+    pub memory: MemoryConfig,
     pub timeouts: Timeouts,
     pub sessions: Sessions,
     pub passwords: Passwords,
@@ -46,6 +47,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             tls: TlsConfig::default(),
             limits: Limits::default(),
+            memory: MemoryConfig::default(),
             timeouts: Timeouts::default(),
             sessions: Sessions::default(),
             passwords: Passwords::default(),
@@ -117,6 +119,39 @@ impl Default for Limits {
             login_failures_per_account: 10,
             auth_attempts_per_ip: 120,
             outbound_queue: 512,
+        }
+    }
+}
+
+/// What connections may buffer, in bytes (see `memory`). Together with the per-connection
+/// costs of an idle connection, these bound the daemon's memory under any traffic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Bytes all connections together may buffer: queued outbound frames and large inbound
+    /// frames being read. When it runs out, the slowest readers are shed (they resume from
+    /// the store) and new large frames are refused with `UNAVAILABLE`.
+    pub max_buffered_bytes: usize,
+    /// Bytes one connection may have queued for its socket; a sender waits beyond it.
+    pub connection_outbound_bytes: usize,
+    /// Message bytes one connection's live queue may hold before it switches to catching up
+    /// from the store.
+    pub live_queue_bytes: usize,
+    /// Message bytes one catch-up read from the store may hold (at least one message).
+    pub catch_up_page_bytes: usize,
+    /// Largest frame accepted before a connection has logged in or resumed (Hello, Register,
+    /// Login and Resume are small): an unauthenticated client cannot pin a large buffer.
+    pub pre_auth_max_frame_bytes: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_buffered_bytes: 512 * 1024 * 1024,
+            connection_outbound_bytes: 256 * 1024,
+            live_queue_bytes: 256 * 1024,
+            catch_up_page_bytes: 256 * 1024,
+            pre_auth_max_frame_bytes: 16 * 1024,
         }
     }
 }
@@ -389,6 +424,20 @@ impl Config {
                     .into(),
             );
         }
+        let m = &self.memory;
+        if m.connection_outbound_bytes < 1024
+            || m.live_queue_bytes == 0
+            || m.catch_up_page_bytes == 0
+            || m.pre_auth_max_frame_bytes < 1024
+        {
+            return Err("memory.connection_outbound_bytes and memory.pre_auth_max_frame_bytes must be at least 1024, memory.live_queue_bytes and memory.catch_up_page_bytes > 0".into());
+        }
+        if m.max_buffered_bytes < l.max_frame_bytes.saturating_mul(4) {
+            return Err(format!(
+                "memory.max_buffered_bytes ({}) must hold at least four frames of limits.max_frame_bytes ({})",
+                m.max_buffered_bytes, l.max_frame_bytes
+            ));
+        }
         if l.messages_per_second == 0 {
             return Err("limits.messages_per_second must be > 0".into());
         }
@@ -569,6 +618,9 @@ pub struct Overrides {
     /// Login/register attempts per IP per minute [default: 120]
     #[arg(long, env = "MESSENGER_AUTH_ATTEMPTS_PER_IP", global = true)]
     pub auth_attempts_per_ip: Option<u32>,
+    /// Bytes all connections together may buffer before the slowest readers are shed [default: 536870912]
+    #[arg(long, env = "MESSENGER_MAX_BUFFERED_BYTES", global = true)]
+    pub max_buffered_bytes: Option<usize>,
     /// Live deliveries queued per connection before it catches up from the store [default: 512]
     #[arg(long, env = "MESSENGER_OUTBOUND_QUEUE", global = true)]
     pub outbound_queue: Option<usize>,
@@ -677,6 +729,7 @@ impl Overrides {
         );
         set(&mut l.auth_attempts_per_ip, &self.auth_attempts_per_ip);
         set(&mut l.outbound_queue, &self.outbound_queue);
+        set(&mut c.memory.max_buffered_bytes, &self.max_buffered_bytes);
         let t = &mut c.timeouts;
         set(&mut t.handshake_secs, &self.handshake_timeout);
         set(&mut t.auth_secs, &self.auth_timeout);

@@ -17,18 +17,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use messenger_protocol::pb;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::hub::ConnHandle;
+use crate::hub::{ConnHandle, LiveQueue};
 use crate::metrics;
 use crate::model::{Appended, InboxEntry, NewMessage, Seq};
 use crate::state::Shared;
 use crate::store::StoreResult;
 use crate::writer::Outbound;
 
-/// Inbox entries read per store round trip while catching up.
+/// Inbox entries read per store round trip while catching up (and at most
+/// `memory.catch_up_page_bytes` of bodies).
 const CATCH_UP_PAGE: usize = 128;
 
 /// Stores a message, then offers each recipient's inbox entry to their live connections.
@@ -66,7 +66,7 @@ struct Pump {
 pub async fn pump(
     shared: Arc<Shared>,
     handle: Arc<ConnHandle>,
-    mut live: mpsc::Receiver<InboxEntry>,
+    mut live: LiveQueue,
     acked: Seq,
     out: Outbound,
     closing: CancellationToken,
@@ -95,7 +95,7 @@ enum PumpEnd {
 }
 
 impl Pump {
-    async fn run(&mut self, live: &mut mpsc::Receiver<InboxEntry>) -> Result<(), PumpEnd> {
+    async fn run(&mut self, live: &mut LiveQueue) -> Result<(), PumpEnd> {
         self.catch_up(None).await?;
         loop {
             let entry = tokio::select! {
@@ -146,17 +146,31 @@ impl Pump {
 
     /// Sends stored entries after `last`: up to and including `until`, or all of them.
     async fn catch_up(&mut self, until: Option<Seq>) -> Result<(), PumpEnd> {
+        let max_bytes = self.shared.config.memory.catch_up_page_bytes;
+        // A page ends with the message that reaches the byte bound: at most one body more.
+        let reserve = max_bytes.saturating_add(self.shared.config.limits.max_body_bytes);
         loop {
+            // The page is charged to the memory budget while it is held: thousands of stalled
+            // readers catching up must not hold a page each beyond the budget.
+            let mut charge = self
+                .out
+                .memory()
+                .charge_read(reserve)
+                .await
+                .map_err(|_| PumpEnd::Closed)?;
             metrics::catch_up_read();
             let page = metrics::timed_store(
                 "read_inbox",
                 self.shared
                     .store
-                    .read_inbox(self.handle.user, self.last, CATCH_UP_PAGE),
+                    .read_inbox(self.handle.user, self.last, CATCH_UP_PAGE, max_bytes),
             )
             .await
             .map_err(PumpEnd::Store)?;
-            let full = page.len() == CATCH_UP_PAGE;
+            // A page cut by either bound may have more behind it.
+            let bytes: usize = page.iter().map(|e| e.message.body.len()).sum();
+            charge.shrink_to(bytes);
+            let full = page.len() == CATCH_UP_PAGE || bytes >= max_bytes;
             for entry in &page {
                 if until.is_some_and(|u| entry.seq > u) {
                     return Ok(());

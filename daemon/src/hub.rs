@@ -11,7 +11,7 @@
 //! and the critical sections are a hash lookup and a small `Vec` clone.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use messenger_protocol::WireError;
@@ -28,6 +28,11 @@ pub struct ConnHandle {
     pub user: UserId,
     pub device: DeviceId,
     live: mpsc::Sender<InboxEntry>,
+    /// Message bytes in the live queue, bounded by the hub's `live_queue_bytes`. The bodies
+    /// are shared with every other recipient's entry, but a connection must not be the one
+    /// keeping many of them alive.
+    live_bytes: AtomicUsize,
+    live_bytes_max: usize,
     lagging: AtomicBool,
     /// Cancelled when the connection must close (session revoked, account deleted).
     kicked: CancellationToken,
@@ -90,16 +95,57 @@ impl ConnHandle {
         if self.is_lagging() {
             return;
         }
+        let bytes = entry.message.body.len();
+        let before = self.live_bytes.fetch_add(bytes, Ordering::AcqRel);
+        // One entry always fits, however large: a queue must be able to hold something.
+        if before > 0 && before.saturating_add(bytes) > self.live_bytes_max {
+            self.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            self.fall_behind();
+            return;
+        }
         match self.live.try_send(entry.clone()) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                // Leave live delivery; the pump notices and pulls from the store.
-                self.lagging.store(true, Ordering::Release);
-                metrics::queue_full();
+                self.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                self.fall_behind();
             }
             // The connection is going away; its device resumes from its cursor.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            }
         }
+    }
+
+    /// Leaves live delivery; the pump notices and pulls from the store.
+    fn fall_behind(&self) {
+        self.lagging.store(true, Ordering::Release);
+        metrics::queue_full();
+    }
+}
+
+/// A connection's live queue, as its delivery pump reads it.
+pub struct LiveQueue {
+    rx: mpsc::Receiver<InboxEntry>,
+    handle: Arc<ConnHandle>,
+}
+
+impl LiveQueue {
+    pub async fn recv(&mut self) -> Option<InboxEntry> {
+        let entry = self.rx.recv().await?;
+        self.taken(&entry);
+        Some(entry)
+    }
+
+    pub fn try_recv(&mut self) -> Result<InboxEntry, mpsc::error::TryRecvError> {
+        let entry = self.rx.try_recv()?;
+        self.taken(&entry);
+        Ok(entry)
+    }
+
+    fn taken(&self, entry: &InboxEntry) {
+        self.handle
+            .live_bytes
+            .fetch_sub(entry.message.body.len(), Ordering::AcqRel);
     }
 }
 
@@ -127,12 +173,14 @@ pub struct Hub {
     mask: usize,
     next_conn_id: AtomicU64,
     live_queue: usize,
+    live_queue_bytes: usize,
     observer: OnceLock<mpsc::UnboundedSender<HubEvent>>,
 }
 
 impl Hub {
-    /// `live_queue` is each connection's live queue capacity.
-    pub fn new(live_queue: usize) -> Self {
+    /// `live_queue` is each connection's live queue capacity in entries, `live_queue_bytes`
+    /// in message bytes.
+    pub fn new(live_queue: usize, live_queue_bytes: usize) -> Self {
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
         let count = (cores * 16).next_power_of_two();
         Self {
@@ -140,6 +188,7 @@ impl Hub {
             mask: count - 1,
             next_conn_id: AtomicU64::new(1),
             live_queue,
+            live_queue_bytes,
             observer: OnceLock::new(),
         }
     }
@@ -172,17 +221,15 @@ impl Hub {
     /// Registers a connection for live pushes; the receiver is its live queue. A device has
     /// one delivering connection: an older connection of the same device (typically a
     /// half-open one the client already gave up on) is kicked, so the newest one wins.
-    pub fn register(
-        &self,
-        user: UserId,
-        device: DeviceId,
-    ) -> (Arc<ConnHandle>, mpsc::Receiver<InboxEntry>) {
+    pub fn register(&self, user: UserId, device: DeviceId) -> (Arc<ConnHandle>, LiveQueue) {
         let (tx, rx) = mpsc::channel(self.live_queue);
         let handle = Arc::new(ConnHandle {
             conn_id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
             user,
             device,
             live: tx,
+            live_bytes: AtomicUsize::new(0),
+            live_bytes_max: self.live_queue_bytes,
             lagging: AtomicBool::new(false),
             kicked: CancellationToken::new(),
             kick_reason: Mutex::new(None),
@@ -206,7 +253,11 @@ impl Hub {
                 "this device's session was resumed on a newer connection",
             ));
         }
-        (handle, rx)
+        let live = LiveQueue {
+            rx,
+            handle: Arc::clone(&handle),
+        };
+        (handle, live)
     }
 
     pub fn unregister(&self, handle: &ConnHandle) {
@@ -378,7 +429,7 @@ mod tests {
 
     #[test]
     fn push_reaches_every_device_of_the_user_and_no_one_else() {
-        let hub = Hub::new(8);
+        let hub = Hub::new(8, usize::MAX);
         let (_a1, mut rx1) = hub.register(UserId(2), DeviceId(1));
         let (_a2, mut rx2) = hub.register(UserId(2), DeviceId(2));
         let (_b, mut rx3) = hub.register(UserId(3), DeviceId(3));
@@ -390,7 +441,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_marks_the_connection_lagging_instead_of_blocking() {
-        let hub = Hub::new(2);
+        let hub = Hub::new(2, usize::MAX);
         let (handle, mut rx) = hub.register(UserId(2), DeviceId(1));
         for seq in 1..=5 {
             hub.push(UserId(2), &entry(seq));
@@ -406,7 +457,7 @@ mod tests {
 
     #[test]
     fn unregister_and_kick_affect_only_the_named_connections() {
-        let hub = Hub::new(2);
+        let hub = Hub::new(2, usize::MAX);
         let (h1, _rx1) = hub.register(UserId(2), DeviceId(1));
         let (h2, _rx2) = hub.register(UserId(2), DeviceId(2));
         hub.kick(
@@ -423,7 +474,7 @@ mod tests {
 
     #[test]
     fn hand_back_closes_only_registered_connections_and_at_most_the_count() {
-        let hub = Hub::new(2);
+        let hub = Hub::new(2, usize::MAX);
         let handles: Vec<_> = (1..=5)
             .map(|u| hub.register(UserId(u), DeviceId(u)))
             .collect();
@@ -450,7 +501,7 @@ mod tests {
 
     #[test]
     fn a_newer_connection_of_the_same_device_replaces_the_older_one() {
-        let hub = Hub::new(2);
+        let hub = Hub::new(2, usize::MAX);
         let (old, _rx1) = hub.register(UserId(2), DeviceId(1));
         let (other_device, _rx2) = hub.register(UserId(2), DeviceId(2));
         let (new, mut rx3) = hub.register(UserId(2), DeviceId(1));

@@ -2,13 +2,16 @@
 //! `main.rs` only parses the configuration and runs [`server::RunningServer`] until a signal.
 
 pub mod admin;
+pub mod allocator;
 pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod fd_limit;
 pub mod hub;
+pub mod inbound;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod proxy_protocol;

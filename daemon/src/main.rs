@@ -7,7 +7,16 @@ use messenger_daemon::config::{Cli, Command, LogFormat, SeedArgs, StoreBackend};
 use messenger_daemon::{RunningServer, store};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc reads its options from this symbol (see `allocator`).
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: messenger_daemon::allocator::MallocConf =
+    messenger_daemon::allocator::MALLOC_CONF;
+
 fn main() -> anyhow::Result<()> {
+    messenger_daemon::allocator::mark_installed();
     let cli = Cli::parse();
     let config = cli.load()?;
     init_logging(config.log_format);

@@ -28,6 +28,11 @@ pub const MESSAGES_DELIVERED: &str = "messenger_messages_delivered_total";
 pub const QUEUE_FULL: &str = "messenger_outbound_queue_full_total";
 pub const STALL_DISCONNECTS: &str = "messenger_write_stall_disconnects_total";
 pub const CATCH_UP_READS: &str = "messenger_catch_up_reads_total";
+pub const BUFFERED_BYTES: &str = "messenger_buffered_bytes";
+pub const BUFFERED_BYTES_LIMIT: &str = "messenger_buffered_bytes_limit";
+pub const CONNECTIONS_SHED: &str = "messenger_connections_shed_total";
+pub const MEMORY_ALLOCATED: &str = "messenger_memory_allocated_bytes";
+pub const MEMORY_RESIDENT: &str = "messenger_memory_resident_bytes";
 pub const ERRORS: &str = "messenger_request_errors_total";
 pub const AUTH_FAILURES: &str = "messenger_auth_failures_total";
 pub const STORE_SECONDS: &str = "messenger_store_seconds";
@@ -183,6 +188,26 @@ pub const ALL: &[Metric] = &[
         CATCH_UP_READS,
         "Inbox pages read from the store to catch a connection up.",
     ),
+    Metric::gauge(
+        BUFFERED_BYTES,
+        "Bytes buffered by all connections now (queued outbound frames, large inbound frames being read).",
+    ),
+    Metric::gauge(
+        BUFFERED_BYTES_LIMIT,
+        "memory.max_buffered_bytes: the budget BUFFERED_BYTES stays within.",
+    ),
+    Metric::counter(
+        CONNECTIONS_SHED,
+        "Slow readers closed because the memory budget ran out (they resume from the store).",
+    ),
+    Metric::gauge(
+        MEMORY_ALLOCATED,
+        "Bytes the daemon has allocated now (from the allocator's statistics).",
+    ),
+    Metric::gauge(
+        MEMORY_RESIDENT,
+        "Bytes of physical memory the allocator holds now (freed memory is returned to the OS after about a second).",
+    ),
     Metric::counter(ERRORS, "Error replies sent to clients, by wire error code.")
         .label("code", ERROR_CODES),
     Metric::counter(
@@ -320,6 +345,22 @@ pub fn render() -> String {
         }
         None => String::new(),
     }
+}
+
+/// Bytes buffered by connections now, and the budget.
+pub fn buffered_bytes(now: usize, limit: usize) {
+    gauge!(BUFFERED_BYTES).set(now as f64);
+    gauge!(BUFFERED_BYTES_LIMIT).set(limit as f64);
+}
+
+pub fn connections_shed(n: u64) {
+    counter!(CONNECTIONS_SHED).increment(n);
+}
+
+/// The allocator's own figures, when it reports them.
+pub fn memory(allocated: usize, resident: usize) {
+    gauge!(MEMORY_ALLOCATED).set(allocated as f64);
+    gauge!(MEMORY_RESIDENT).set(resident as f64);
 }
 
 pub fn connection_opened() {

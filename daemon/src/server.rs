@@ -127,6 +127,7 @@ impl RunningServer {
             shutdown.clone(),
             sessions.clone(),
         ));
+        tokio::spawn(shared.memory.clone().shed_slow_readers(shutdown.clone()));
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             shared.clone(),

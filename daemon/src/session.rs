@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use messenger_protocol::codec::ServerCodec;
 use messenger_protocol::pb::{self, client_frame::Kind as Req, server_frame::Kind as Resp};
 use messenger_protocol::{CodecError, ErrorCode, PROTOCOL_VERSION, WireError};
 use prost::Message as _;
@@ -29,17 +28,17 @@ use tracing::{Instrument, debug, info, info_span};
 
 use crate::delivery;
 use crate::hub::ConnHandle;
+use crate::inbound::{self, BudgetedRead, FrameLimit, InboundCodec, ReadGate};
 use crate::limits::TokenBucket;
 use crate::metrics;
 use crate::model::{DeviceId, User, now_millis};
 use crate::state::Shared;
 use crate::writer::{self, Outbound};
 
-/// Frames queued for the writer; small, because the writer coalesces whatever is queued into
-/// one TLS write and back-pressure should reach the pump quickly.
-const OUTBOUND_FRAMES: usize = 64;
-/// Initial read buffer of a connection, in bytes.
-const READ_BUFFER_START: usize = 512;
+/// Frames queued for the writer (their bytes are bounded by the memory budget); small,
+/// because the writer coalesces whatever is queued into one TLS write and back-pressure
+/// should reach the pump quickly.
+pub const OUTBOUND_FRAMES: usize = 64;
 
 /// The authenticated part of a session.
 pub(crate) struct Authed {
@@ -60,6 +59,8 @@ pub(crate) struct Session {
     pub send_bucket: TokenBucket,
     /// Cancelled when the connection must end (writer failure, pump failure).
     pub closing: CancellationToken,
+    /// The largest frame accepted now: small until sign-in.
+    pub frame_limit: FrameLimit,
 }
 
 /// What a request handler decided beyond its response.
@@ -103,16 +104,24 @@ where
     let (rd, wr) = tokio::io::split(stream);
     async move {
         let limits = &shared.config.limits;
+        let frame_limit = FrameLimit::new(shared.config.memory.pre_auth_max_frame_bytes);
         // Start the read buffer small: an idle connection should not hold 8 KiB it never
-        // uses; it grows to the largest frame actually received.
+        // uses; it grows with a large frame and shrinks back after it.
+        let memory = shared.memory.connection();
+        let gate = Arc::new(ReadGate::default());
         let frames = FramedRead::with_capacity(
-            rd,
-            ServerCodec::new(limits.max_frame_bytes),
-            READ_BUFFER_START,
+            BudgetedRead::new(rd, Arc::clone(&gate), Arc::clone(&memory)),
+            InboundCodec::new(
+                limits.max_frame_bytes,
+                frame_limit.clone(),
+                shared.memory.clone(),
+                gate,
+            ),
+            inbound::START_CAPACITY,
         );
-        let (out, out_rx) = writer::channel(OUTBOUND_FRAMES, limits.max_frame_bytes);
+        let (out, out_rx) = writer::channel(OUTBOUND_FRAMES, limits.max_frame_bytes, memory);
         let closing = CancellationToken::new();
-        let (input, input_back) = oneshot::channel::<FramedRead<_, ServerCodec>>();
+        let (input, input_back) = oneshot::channel::<FramedRead<_, InboundCodec>>();
         let writer = tokio::spawn(
             writer::run(
                 wr,
@@ -131,6 +140,7 @@ where
                 writer,
                 closing,
                 input,
+                frame_limit,
             },
             shared,
             peer,
@@ -154,6 +164,8 @@ pub struct Transport<F> {
     /// The session hands `frames` back here when it ends, so the writer can drain the input
     /// after the last frame (see `writer::finish`).
     pub input: oneshot::Sender<F>,
+    /// The frame limit `frames` enforces, raised by the session on sign-in.
+    pub frame_limit: FrameLimit,
 }
 
 /// Runs the session over `transport` to its end (call inside the connection's span).
@@ -172,6 +184,7 @@ pub async fn drive<F>(
         writer,
         closing,
         input,
+        frame_limit,
     } = transport;
     let limits = &shared.config.limits;
     let mut session = Session {
@@ -181,6 +194,7 @@ pub async fn drive<F>(
         out,
         auth: None,
         closing,
+        frame_limit,
     };
     if session
         .hello(&mut frames, handshake_deadline, &shutdown)
@@ -319,12 +333,16 @@ impl Session {
                     } else {
                         0
                     };
-                    self.go_away(pb::GoAway {
-                        reason: reason.message,
-                        reconnect_after_ms,
-                        code: reason.code as i32,
-                    })
-                    .await;
+                    // Whatever is still queued is dropped with the connection (freed now, not
+                    // after a stalled peer's write timeout): the device gets it from the store.
+                    self.out.close_now(Some(&pb::ServerFrame {
+                        request_id: 0,
+                        kind: Some(Resp::GoAway(pb::GoAway {
+                            reason: reason.message,
+                            reconnect_after_ms,
+                            code: reason.code as i32,
+                        })),
+                    }));
                     return;
                 }
                 _ = self.closing.cancelled() => return,
@@ -512,6 +530,8 @@ impl Session {
             .in_current_span(),
         );
         metrics::online_users(self.shared.hub.online_users());
+        self.frame_limit
+            .set(self.shared.config.limits.max_frame_bytes);
         self.auth = Some(Authed {
             user,
             device,
@@ -523,6 +543,8 @@ impl Session {
 
     /// Leaves live delivery; the connection stays open but unauthenticated.
     pub fn sign_out(&mut self) {
+        self.frame_limit
+            .set(self.shared.config.memory.pre_auth_max_frame_bytes);
         if let Some(a) = self.auth.take() {
             a.pump.abort();
             self.shared.hub.unregister(&a.handle);
@@ -583,6 +605,10 @@ impl Session {
             }
             CodecError::Decode(e) => {
                 self.close_with(ErrorCode::InvalidArgument, &format!("malformed frame: {e}"))
+                    .await
+            }
+            CodecError::Io(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
+                self.close_with(ErrorCode::Unavailable, inbound::SHORT_OF_MEMORY)
                     .await
             }
             CodecError::Io(e) => debug!(error = %e, "read failed"),

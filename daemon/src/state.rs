@@ -8,6 +8,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::{AddressGroup, WindowLimiter};
+use crate::memory::MemoryBudget;
 use crate::store::Store;
 
 pub struct Shared {
@@ -17,6 +18,8 @@ pub struct Shared {
     /// Set when running as one node of several (Redis routing).
     pub cluster: Option<Arc<Cluster>>,
     pub passwords: PasswordHasher,
+    /// Bytes buffered by all connections (see `memory`).
+    pub memory: Arc<MemoryBudget>,
     /// Login and register attempts per client IP.
     pub auth_per_ip: WindowLimiter<AddressGroup>,
     /// Failed logins per account (case-folded username).
@@ -26,9 +29,13 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Config, store: Arc<dyn Store>) -> Result<Self, String> {
         Ok(Self {
-            hub: Arc::new(Hub::new(config.limits.outbound_queue)),
+            hub: Arc::new(Hub::new(
+                config.limits.outbound_queue,
+                config.memory.live_queue_bytes,
+            )),
             cluster: None,
             passwords: PasswordHasher::new(&config.passwords)?,
+            memory: MemoryBudget::new(&config.memory),
             auth_per_ip: WindowLimiter::new(config.limits.auth_attempts_per_ip),
             login_failures: WindowLimiter::new(config.limits.login_failures_per_account),
             store,

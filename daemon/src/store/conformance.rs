@@ -157,7 +157,7 @@ async fn to_group(store: &dyn Store, from: &User, group: GroupId, client_msg_id:
 
 async fn inbox(store: &dyn Store, user: &User) -> Vec<InboxEntry> {
     store
-        .read_inbox(user.id, Seq(0), ALL)
+        .read_inbox(user.id, Seq(0), ALL, usize::MAX)
         .await
         .expect("read inbox")
 }
@@ -338,7 +338,7 @@ pub(crate) async fn deleted_account_frees_the_name_and_keeps_its_messages(store:
     assert!(store.groups_of(alice.id).await.unwrap().is_empty());
     assert!(
         store
-            .read_inbox(alice.id, Seq(0), ALL)
+            .read_inbox(alice.id, Seq(0), ALL, usize::MAX)
             .await
             .unwrap()
             .is_empty()
@@ -634,7 +634,10 @@ pub(crate) async fn inbox_reads_in_order_and_pages(store: &dyn Store) {
     let mut pages = Vec::new();
     let mut after = Seq(0);
     loop {
-        let page = store.read_inbox(alice.id, after, 4).await.unwrap();
+        let page = store
+            .read_inbox(alice.id, after, 4, usize::MAX)
+            .await
+            .unwrap();
         if page.is_empty() {
             break;
         }
@@ -644,19 +647,49 @@ pub(crate) async fn inbox_reads_in_order_and_pages(store: &dyn Store) {
     assert_eq!(pages, [vec![1, 2, 3, 4], vec![5, 6, 7, 8], vec![9, 10]]);
     assert!(
         store
-            .read_inbox(alice.id, Seq(0), 0)
+            .read_inbox(alice.id, Seq(0), 0, usize::MAX)
             .await
             .unwrap()
             .is_empty()
     );
     assert!(
         store
-            .read_inbox(alice.id, Seq(u64::MAX), ALL)
+            .read_inbox(alice.id, Seq(u64::MAX), ALL, usize::MAX)
             .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(store.inbox_head(alice.id).await.unwrap(), Seq(10));
+}
+
+pub(crate) async fn inbox_pages_stop_at_the_byte_bound(store: &dyn Store) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    for i in 0..5 {
+        dm(store, &bob, &alice, &format!("m{i}")).await;
+    }
+    let body = inbox(store, &alice).await[0].message.body.len();
+    assert_eq!(body, "body of m0".len());
+    let page = |max_bytes| async move {
+        seqs(
+            &store
+                .read_inbox(alice.id, Seq(0), ALL, max_bytes)
+                .await
+                .unwrap(),
+        )
+    };
+    // The entry that reaches the bound is the last one.
+    assert_eq!(page(2 * body + 1).await, [1, 2, 3]);
+    assert_eq!(page(3 * body).await, [1, 2, 3]);
+    // Never empty while entries remain, however small the bound.
+    assert_eq!(page(1).await, [1]);
+    assert_eq!(page(0).await, [1]);
+    // The count limit still applies under a large bound.
+    let two = store
+        .read_inbox(alice.id, Seq(1), 2, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&two), [2, 3]);
 }
 
 pub(crate) async fn direct_history_pages_newest_first_from_both_sides(store: &dyn Store) {
@@ -1261,7 +1294,10 @@ pub(crate) async fn concurrent_appends_keep_every_inbox_gapless(store: Arc<dyn S
             loop {
                 // Read `finished` before polling: the poll after it was set sees everything.
                 let last_round = finished.load(std::sync::atomic::Ordering::Acquire);
-                let page = store.read_inbox(user, cursor, 16).await.unwrap();
+                let page = store
+                    .read_inbox(user, cursor, 16, usize::MAX)
+                    .await
+                    .unwrap();
                 for entry in &page {
                     assert_eq!(entry.seq.0, cursor.0 + 1, "poller of {user} skipped");
                     cursor = entry.seq;
@@ -1322,7 +1358,10 @@ pub(crate) async fn concurrent_appends_keep_every_inbox_gapless(store: Arc<dyn S
 
     for poller in pollers {
         let (user, seen) = poller.await.unwrap();
-        let full = store.read_inbox(user, Seq(0), ALL).await.unwrap();
+        let full = store
+            .read_inbox(user, Seq(0), ALL, usize::MAX)
+            .await
+            .unwrap();
         let n = full.len() as u64;
         assert!(n > 0);
         assert_eq!(seqs(&full), (1..=n).collect::<Vec<_>>(), "gap in {user}");
@@ -1510,7 +1549,10 @@ pub(crate) async fn closed_store_is_unavailable(store: &dyn Store) {
     let unavailable = StoreError::Unavailable(String::new());
     assert_err(store.create_account(new_account("bob")).await, &unavailable);
     assert_err(store.account_by_id(alice.id).await, &unavailable);
-    assert_err(store.read_inbox(alice.id, Seq(0), ALL).await, &unavailable);
+    assert_err(
+        store.read_inbox(alice.id, Seq(0), ALL, usize::MAX).await,
+        &unavailable,
+    );
     store.close().await.unwrap();
 }
 
@@ -1599,6 +1641,7 @@ macro_rules! for_each_backend {
                 group_message_fans_out_to_every_member,
                 non_member_cannot_send_to_a_group,
                 inbox_reads_in_order_and_pages,
+                inbox_pages_stop_at_the_byte_bound,
                 direct_history_pages_newest_first_from_both_sides,
                 group_history_is_for_members_only,
                 conversations_list_each_chat_once_newest_first,
@@ -2114,7 +2157,10 @@ pub(crate) mod postgres_backend {
                 let mut cursor = Seq(0);
                 loop {
                     let last_round = finished.load(std::sync::atomic::Ordering::Acquire);
-                    let page = store.read_inbox(user, cursor, 32).await.expect("poll");
+                    let page = store
+                        .read_inbox(user, cursor, 32, usize::MAX)
+                        .await
+                        .expect("poll");
                     for entry in &page {
                         assert_eq!(entry.seq.0, cursor.0 + 1, "poller of {user} skipped");
                         cursor = entry.seq;

@@ -177,12 +177,15 @@ pub trait Store: Send + Sync + 'static {
     /// group or one the sender is not a member of.
     async fn append_message(&self, message: NewMessage) -> StoreResult<Appended>;
 
-    /// Inbox entries of `user` with seq > `after`, ascending, at most `limit`.
+    /// Inbox entries of `user` with seq > `after`, ascending: at most `limit`, and no more
+    /// once their bodies add up to `max_bytes` (the entry reaching it is included, so a page
+    /// is never empty while entries remain). Bounds what one catch-up read holds in memory.
     async fn read_inbox(
         &self,
         user: UserId,
         after: Seq,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreResult<Vec<InboxEntry>>;
 
     /// The newest seq of the user's inbox (0 when empty).

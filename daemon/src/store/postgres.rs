@@ -1270,20 +1270,26 @@ impl Store for PostgresStore {
         user: UserId,
         after: Seq,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreResult<Vec<InboxEntry>> {
         let mut conn = self.conn().await?;
         let mut db = db!(conn);
+        // The running total of body bytes picks the rows to send, so the server never ships
+        // (nor this process buffers) more than the byte bound and one message.
         db.query(
             concat!(
-                "SELECT i.seq, ",
+                "SELECT * FROM (SELECT i.seq, ",
                 message_columns!(),
-                " FROM inbox i JOIN messages m ON m.id = i.message_id \
-                 WHERE i.user_id = $1 AND i.seq > $2 ORDER BY i.seq LIMIT $3"
+                ", sum(octet_length(m.body)) OVER (ORDER BY i.seq) AS running \
+                 FROM inbox i JOIN messages m ON m.id = i.message_id \
+                 WHERE i.user_id = $1 AND i.seq > $2 ORDER BY i.seq LIMIT $3) page \
+                 WHERE running - octet_length(body) < greatest($4::bigint, 1) ORDER BY seq"
             ),
             &[
                 &id_param(user.0),
                 &bound_param(after.0),
                 &limit_param(limit),
+                &limit_param(max_bytes),
             ],
         )
         .await?

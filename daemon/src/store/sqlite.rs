@@ -1553,24 +1553,35 @@ fn read_inbox(
     user: UserId,
     after: Seq,
     limit: usize,
+    max_bytes: usize,
 ) -> StoreResult<Vec<InboxEntry>> {
-    Ok(conn
-        .prepare_cached(concat!(
-            "SELECT i.seq, ",
-            message_columns!(),
-            " FROM inbox i JOIN messages m ON m.id = i.message_id \
-             WHERE i.user_id = ?1 AND i.seq > ?2 ORDER BY i.seq LIMIT ?3"
-        ))?
-        .query_map(
-            [id_param(user.0), bound_param(after.0), limit_param(limit)],
-            |row| {
-                Ok(InboxEntry {
-                    seq: Seq(get_u64(row, 0)?),
-                    message: Arc::new(message_from_row(row, 1)?),
-                })
-            },
-        )?
-        .collect::<rusqlite::Result<Vec<_>>>()?)
+    let mut stmt = conn.prepare_cached(concat!(
+        "SELECT i.seq, ",
+        message_columns!(),
+        " FROM inbox i JOIN messages m ON m.id = i.message_id \
+         WHERE i.user_id = ?1 AND i.seq > ?2 ORDER BY i.seq LIMIT ?3"
+    ))?;
+    // Rows are stepped one at a time: stopping at the byte bound leaves the rest unread.
+    let rows = stmt.query_map(
+        [id_param(user.0), bound_param(after.0), limit_param(limit)],
+        |row| {
+            Ok(InboxEntry {
+                seq: Seq(get_u64(row, 0)?),
+                message: Arc::new(message_from_row(row, 1)?),
+            })
+        },
+    )?;
+    let mut page = Vec::new();
+    let mut bytes = 0usize;
+    for entry in rows {
+        let entry = entry?;
+        bytes = bytes.saturating_add(entry.message.body.len());
+        page.push(entry);
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(page)
 }
 
 fn inbox_head(conn: &Connection, user: UserId) -> StoreResult<Seq> {
@@ -1903,8 +1914,10 @@ impl Store for SqliteStore {
         user: UserId,
         after: Seq,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreResult<Vec<InboxEntry>> {
-        self.read(move |c| read_inbox(c, user, after, limit)).await
+        self.read(move |c| read_inbox(c, user, after, limit, max_bytes))
+            .await
     }
 
     async fn inbox_head(&self, user: UserId) -> StoreResult<Seq> {

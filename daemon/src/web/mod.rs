@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span};
 
+use crate::inbound::FrameLimit;
 use crate::session;
 use crate::state::Shared;
 
@@ -99,7 +100,9 @@ where
         let transport = socket::transport(
             ws,
             limits.max_frame_bytes,
+            FrameLimit::new(shared.config.memory.pre_auth_max_frame_bytes),
             shared.config.timeouts.write_stall(),
+            shared.memory.connection(),
         );
         // The WebSocket session gets the same Hello budget a native one has after TLS.
         let deadline = Instant::now() + shared.config.timeouts.handshake();

@@ -20,7 +20,7 @@ use messenger_protocol::pb::{self, server_frame::Kind as Resp};
 use messenger_protocol::{CodecError, ErrorCode};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -28,11 +28,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::session::Transport;
-use crate::writer;
-
-/// Frames queued for one connection's writer (as for native connections).
-const OUTBOUND_FRAMES: usize = 64;
+use crate::inbound::FrameLimit;
+use crate::memory::ConnMemory;
+use crate::session::{OUTBOUND_FRAMES, Transport};
+use crate::writer::{self, Next, OutboundRx};
 
 /// The close the reader decided on, if any (it wins over the session's last frame).
 type CloseCell = Arc<Mutex<Option<(CloseCode, String)>>>;
@@ -41,14 +40,16 @@ type CloseCell = Arc<Mutex<Option<(CloseCode, String)>>>;
 pub fn transport<S>(
     ws: WebSocketStream<S>,
     max_frame_bytes: usize,
+    frame_limit: FrameLimit,
     stall: Duration,
+    memory: Arc<ConnMemory>,
 ) -> Transport<Frames<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sink, stream) = ws.split();
     let close = CloseCell::default();
-    let (out, rx) = writer::channel(OUTBOUND_FRAMES, max_frame_bytes);
+    let (out, rx) = writer::channel(OUTBOUND_FRAMES, max_frame_bytes, memory);
     let closing = CancellationToken::new();
     let (input, input_back) = oneshot::channel();
     let writer = tokio::spawn(write_loop(
@@ -63,11 +64,13 @@ where
         frames: Frames {
             inner: stream,
             close,
+            limit: frame_limit.clone(),
         },
         out,
         writer,
         closing,
         input,
+        frame_limit,
     }
 }
 
@@ -75,6 +78,8 @@ where
 pub struct Frames<S> {
     inner: SplitStream<WebSocketStream<S>>,
     close: CloseCell,
+    /// Checked once a message is whole (tungstenite buffers it up to the configured limit).
+    limit: FrameLimit,
 }
 
 impl<S> Frames<S> {
@@ -97,9 +102,13 @@ where
                 Poll::Ready(Some(m)) => m,
             };
             return Poll::Ready(Some(match message {
-                Ok(Message::Binary(bytes)) => {
-                    pb::ClientFrame::decode(bytes).map_err(CodecError::Decode)
-                }
+                Ok(Message::Binary(bytes)) => match self.limit.check(bytes.len()) {
+                    Ok(()) => pb::ClientFrame::decode(bytes).map_err(CodecError::Decode),
+                    Err(e) => {
+                        self.refuse(CloseCode::Size, "message exceeds the frame limit");
+                        Err(e)
+                    }
+                },
                 // Pings are answered by the WebSocket layer itself.
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
                 Ok(Message::Close(_)) => return Poll::Ready(None),
@@ -140,7 +149,7 @@ where
 
 async fn write_loop<S>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: OutboundRx,
     stall: Duration,
     closing: CancellationToken,
     close: CloseCell,
@@ -148,25 +157,49 @@ async fn write_loop<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut last = None;
-    while let Some(first) = rx.recv().await {
+    let mut last: Option<Bytes> = None;
+    let discarded = rx.discard_signal();
+    loop {
+        let first = match rx.next().await {
+            Next::Frame(first) => first,
+            Next::Ended => break,
+            Next::Discarded => {
+                // Kicked or shed: the queue is dropped now; the last words (a GoAway) pick
+                // the close code.
+                last = rx
+                    .discard()
+                    .map(|frame| frame.slice(LENGTH_PREFIX_BYTES.min(frame.len())..));
+                closing.cancel();
+                break;
+            }
+        };
         let mut frames = 0u64;
         // Everything already queued goes out in one flush (one TLS write).
         let write = async {
             let mut next = Some(first);
             while let Some(frame) = next.take() {
-                let body = frame.slice(LENGTH_PREFIX_BYTES.min(frame.len())..);
+                let body = frame
+                    .bytes
+                    .slice(LENGTH_PREFIX_BYTES.min(frame.bytes.len())..);
                 last = Some(body.clone());
                 sink.feed(Message::Binary(body)).await?;
                 frames += 1;
-                next = rx.try_recv().ok();
+                next = rx.try_next();
             }
             sink.flush().await
         };
-        let outcome = tokio::time::timeout(stall, write).await;
+        let outcome = tokio::select! {
+            biased;
+            () = discarded.cancelled() => {
+                closing.cancel();
+                return;
+            }
+            outcome = tokio::time::timeout(stall, write) => outcome,
+        };
         if !writer::settle(outcome, frames, stall, &closing) {
             return;
         }
+        rx.progressed();
     }
     let decided = close.lock().unwrap_or_else(|p| p.into_inner()).take();
     let (code, reason) = decided.unwrap_or_else(|| close_for(last.as_deref()));

@@ -123,6 +123,18 @@ impl TestServer {
     }
 }
 
+/// The value of an unlabelled metric in a Prometheus text exposition (0 when absent).
+pub fn metrics_value(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.split_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
 /// A minimal HTTP/1.0 GET against the admin port.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
