@@ -211,6 +211,7 @@ pub enum Command {
     },
     LeaveGroup(u64),
     SetDisplayName(String),
+    SetGroupAdds(pb::GroupAddPolicy),
     ChangePassword {
         current: String,
         new: String,
@@ -444,12 +445,17 @@ pub enum Slash {
     Help,
     Quit,
     Dm(String),
-    GroupNew { name: String, members: Vec<String> },
+    GroupNew {
+        name: String,
+        members: Vec<String>,
+    },
     GroupAdd(Vec<String>),
     GroupKick(String),
     GroupLeave,
     GroupMembers,
     Nick(String),
+    /// Who may add me to groups.
+    GroupAdds(pb::GroupAddPolicy),
     Password,
     DeleteAccount,
     Logout,
@@ -494,6 +500,15 @@ pub fn parse_slash(line: &str) -> Result<Slash, String> {
                 Ok(Slash::Nick(rest.join(" ")))
             }
         }
+        "/groupadds" => match rest.as_slice() {
+            [who] => match who.as_str() {
+                "anyone" => Ok(Slash::GroupAdds(pb::GroupAddPolicy::Anyone)),
+                "contacts" => Ok(Slash::GroupAdds(pb::GroupAddPolicy::Contacts)),
+                "nobody" => Ok(Slash::GroupAdds(pb::GroupAddPolicy::Nobody)),
+                _ => usage("/groupadds anyone|contacts|nobody"),
+            },
+            _ => usage("/groupadds anyone|contacts|nobody"),
+        },
         "/password" | "/passwd" => Ok(Slash::Password),
         "/delete-account" => Ok(Slash::DeleteAccount),
         "/logout" => Ok(Slash::Logout),
@@ -1305,6 +1320,7 @@ impl App {
                 None => Vec::new(),
             },
             Slash::Nick(name) => vec![Command::SetDisplayName(name)],
+            Slash::GroupAdds(who) => vec![Command::SetGroupAdds(who)],
             Slash::Password => self.open_form(FormKind::ChangePassword),
             Slash::DeleteAccount => self.open_form(FormKind::DeleteAccount),
             Slash::Logout => vec![Command::Logout],

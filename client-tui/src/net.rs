@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use messenger_protocol::ErrorCode;
 use messenger_protocol::client::{Client, ClientError, ConnectOptions, Connection, Event};
+use messenger_protocol::pb;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -582,6 +583,17 @@ async fn request(
         Command::SetDisplayName(name) => {
             conn.update_profile(&name).await?;
             NetEvent::ProfileUpdated(name)
+        }
+        Command::SetGroupAdds(who) => {
+            conn.set_group_add_policy(who).await?;
+            NetEvent::Notice(format!(
+                "group additions: {}",
+                match who {
+                    pb::GroupAddPolicy::Anyone => "anyone may add you to groups",
+                    pb::GroupAddPolicy::Nobody => "nobody may add you to groups",
+                    _ => "only your contacts may add you to groups",
+                }
+            ))
         }
         Command::ChangePassword { current, new } => {
             conn.change_password(&current, &new).await?;

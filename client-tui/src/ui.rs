@@ -525,6 +525,10 @@ pub const HELP: &[(&str, &str)] = &[
     ("Alt-L  /group leave", "leave the open group"),
     ("Alt-M  /group members", "show the members"),
     ("/nick NAME", "change your display name"),
+    (
+        "/groupadds anyone|contacts|nobody",
+        "who may add you to groups",
+    ),
     ("/password", "change your password"),
     ("/logout  /delete-account", "sign out / delete the account"),
     ("Ctrl-C  /quit", "quit"),

@@ -369,6 +369,11 @@ fn slash_commands_parse_and_become_requests() {
         parse_slash("/nick Big Al"),
         Ok(Slash::Nick("Big Al".into()))
     );
+    assert_eq!(
+        parse_slash("/groupadds nobody"),
+        Ok(Slash::GroupAdds(pb::GroupAddPolicy::Nobody))
+    );
+    assert!(parse_slash("/groupadds everyone").is_err());
     assert!(parse_slash("/dm").is_err());
     assert!(parse_slash("/group kick").is_err());
     assert!(parse_slash("/frobnicate").is_err());

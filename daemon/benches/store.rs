@@ -10,6 +10,10 @@
 //! real server pays: `direct_2000_users` appends direct messages between random pairs of 2000
 //! users on a store that already holds 100k messages, so every batch touches inbox and index
 //! pages scattered over the file, as under the load-test harness.
+//!
+//! `conversation_list` reads the first page of the conversation list of a user whose inbox
+//! holds 60k entries (audit F9 measured 117 ms there when the list was computed from the
+//! inbox): three busy groups and 200 direct chats.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use messenger_daemon::model::{NewMessage, Recipient, UserId};
+use messenger_daemon::model::{
+    ConversationQuery, GroupAdds, GroupId, NewMessage, Recipient, UserId,
+};
 use messenger_daemon::store::sqlite::{SqliteOptions, SqliteStore};
 use messenger_daemon::store::{NewAccount, Store};
 use tempfile::TempDir;
@@ -74,6 +80,8 @@ fn fixture(rt: &Runtime, users: usize, synchronous_full: bool) -> Fixture {
                     username_key: name.clone(),
                     display_name: name,
                     password_hash: "x".into(),
+                    // The bench builds its groups directly.
+                    group_adds: GroupAdds::Anyone,
                 })
                 .await
                 .expect("create account");
@@ -259,5 +267,78 @@ fn durable_append(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, durable_append);
+/// Inbox entries of the listing user: group messages, then one direct message per peer.
+const LIST_INBOX: u64 = 60_000;
+const LIST_GROUPS: usize = 3;
+const LIST_PEERS: usize = 200;
+
+fn conversation_list(c: &mut Criterion) {
+    let rt = runtime();
+    // users[0] lists; users[1..=LIST_PEERS] each write it once; every group has users[0..3].
+    let fixture = fixture(&rt, LIST_PEERS + 1, false);
+    let reader = fixture.users[0];
+    let groups: Vec<GroupId> = (0..LIST_GROUPS)
+        .map(|g| {
+            rt.block_on(fixture.store.create_group(
+                fixture.users[1],
+                &format!("busy{g}"),
+                &fixture.users[..3],
+                10,
+                0,
+            ))
+            .expect("create group")
+            .id
+        })
+        .collect();
+    let groups: Arc<[GroupId]> = groups.into();
+    let group_messages = LIST_INBOX - u64::try_from(LIST_PEERS).unwrap_or(0);
+    let senders = fixture.users.clone();
+    burst_with(
+        &rt,
+        &fixture,
+        64,
+        group_messages,
+        SHORT_BODY,
+        move |_, n| {
+            let g = groups[usize::try_from(n).unwrap_or(0) % groups.len()];
+            (senders[1], Recipient::Group(g))
+        },
+    );
+    let peers = fixture.users.clone();
+    burst_with(
+        &rt,
+        &fixture,
+        16,
+        u64::try_from(LIST_PEERS).unwrap_or(0),
+        SHORT_BODY,
+        move |_, n| {
+            let peer = peers[1 + usize::try_from(n).unwrap_or(0) % LIST_PEERS];
+            (peer, Recipient::User(peers[0]))
+        },
+    );
+    let head = rt.block_on(fixture.store.inbox_head(reader)).expect("head");
+    assert!(head.0 >= LIST_INBOX, "the reader's inbox holds {}", head.0);
+
+    let mut group = c.benchmark_group("conversation_list");
+    group.sample_size(50);
+    group.bench_function("first_page_of_100_at_60k_inbox", |b| {
+        b.iter(|| {
+            let page = rt
+                .block_on(fixture.store.conversation_page(
+                    reader,
+                    ConversationQuery {
+                        snapshot: None,
+                        before: None,
+                        limit: 101,
+                    },
+                ))
+                .expect("page");
+            assert_eq!(page.conversations.len(), 101);
+        });
+    });
+    group.finish();
+    rt.block_on(fixture.store.close()).expect("close");
+}
+
+criterion_group!(benches, durable_append, conversation_list);
 criterion_main!(benches);

@@ -160,6 +160,81 @@ pub struct Session {
     pub expires_at: UnixMillis,
     /// Highest seq this device acknowledged.
     pub acked: Seq,
+    /// The account's own setting, returned to it on sign-in.
+    pub group_adds: GroupAdds,
+}
+
+/// Who may add a user to a group. Whoever is refused cannot tell it from a missing account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupAdds {
+    Anyone,
+    /// People the user wrote to directly, or shares a group with. Receiving a message does not
+    /// count: otherwise one unsolicited message would buy the right to add anyone.
+    #[default]
+    Contacts,
+    Nobody,
+}
+
+impl GroupAdds {
+    /// The spelling both stores keep (see the V3 migrations).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupAdds::Anyone => "anyone",
+            GroupAdds::Contacts => "contacts",
+            GroupAdds::Nobody => "nobody",
+        }
+    }
+
+    pub fn parse(stored: &str) -> Option<GroupAdds> {
+        match stored {
+            "anyone" => Some(GroupAdds::Anyone),
+            "contacts" => Some(GroupAdds::Contacts),
+            "nobody" => Some(GroupAdds::Nobody),
+            _ => None,
+        }
+    }
+
+    /// The wire value; `None` for UNSPECIFIED ("leave it as it is") and unknown numbers.
+    pub fn from_wire(value: i32) -> Option<GroupAdds> {
+        match pb::GroupAddPolicy::try_from(value).ok()? {
+            pb::GroupAddPolicy::Unspecified => None,
+            pb::GroupAddPolicy::Anyone => Some(GroupAdds::Anyone),
+            pb::GroupAddPolicy::Contacts => Some(GroupAdds::Contacts),
+            pb::GroupAddPolicy::Nobody => Some(GroupAdds::Nobody),
+        }
+    }
+}
+
+impl From<GroupAdds> for pb::GroupAddPolicy {
+    fn from(g: GroupAdds) -> Self {
+        match g {
+            GroupAdds::Anyone => pb::GroupAddPolicy::Anyone,
+            GroupAdds::Contacts => pb::GroupAddPolicy::Contacts,
+            GroupAdds::Nobody => pb::GroupAddPolicy::Nobody,
+        }
+    }
+}
+
+impl From<GroupAdds> for pb::AccountSettings {
+    fn from(g: GroupAdds) -> Self {
+        pb::AccountSettings {
+            group_adds: pb::GroupAddPolicy::from(g) as i32,
+        }
+    }
+}
+
+/// What `UpdateProfile` changes; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileChange {
+    pub display_name: Option<String>,
+    pub group_adds: Option<GroupAdds>,
+}
+
+/// An account as its owner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub user: User,
+    pub group_adds: GroupAdds,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +266,51 @@ impl From<&Group> for pb::Group {
                 })
                 .collect(),
             created_at_ms: g.created_at,
+        }
+    }
+}
+
+/// Who a listed conversation is with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConversationWith {
+    /// The peer's id, and their account unless it was deleted.
+    Direct(UserId, Option<User>),
+    /// A group the reader is a member of (members left empty).
+    Group(Group),
+}
+
+/// One row of the conversation list: the conversation and its newest message as of the
+/// listing's snapshot. The message id is the row's sort key (unique per reader).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationSummary {
+    pub with: ConversationWith,
+    pub last: StoredMessage,
+}
+
+/// Which page of the conversation list to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversationQuery {
+    /// The listing's snapshot: the newest message id when its first page was read (`None`
+    /// for a first page). Later pages order conversations by their newest message up to it,
+    /// so activity while paging neither skips nor repeats a conversation.
+    pub snapshot: Option<MessageId>,
+    /// Only conversations whose key is below this (the last key of the previous page).
+    pub before: Option<MessageId>,
+    pub limit: usize,
+}
+
+/// A page of the conversation list, newest key first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationPage {
+    pub snapshot: MessageId,
+    pub conversations: Vec<ConversationSummary>,
+}
+
+impl ConversationSummary {
+    pub fn conversation(&self) -> Conversation {
+        match &self.with {
+            ConversationWith::Direct(peer, _) => Conversation::Direct(*peer),
+            ConversationWith::Group(g) => Conversation::Group(g.id),
         }
     }
 }

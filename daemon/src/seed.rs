@@ -8,7 +8,7 @@
 use bytes::Bytes;
 
 use crate::auth::{self, PasswordHasher};
-use crate::model::{NewMessage, Recipient, User, now_millis};
+use crate::model::{GroupAdds, NewMessage, Recipient, User, now_millis};
 use crate::store::{NewAccount, Store, StoreError};
 
 #[derive(Debug, Clone)]
@@ -117,6 +117,8 @@ pub async fn seed(
                 username_key: key,
                 display_name: format!("Demo user {n}"),
                 password_hash: hash,
+                // Demo and load-test accounts: the seed and the load test put them in groups.
+                group_adds: GroupAdds::Anyone,
             })
             .await?;
         summary.users_created += 1;
@@ -180,7 +182,7 @@ pub async fn seed(
 mod tests {
     use super::*;
     use crate::config::Passwords;
-    use crate::model::Conversation;
+    use crate::model::{Conversation, ConversationQuery};
     use crate::store::sqlite::{SqliteOptions, SqliteStore};
 
     fn cheap_hasher() -> PasswordHasher {
@@ -246,10 +248,21 @@ mod tests {
                 .expect("verify")
         );
         // demo2 has demo1 and demo3 as contacts, and is in both groups (1: demo1-3, 2: demo2-4).
-        let conversations = store.conversations(demo2.user.id, 100).await.expect("list");
-        let direct = conversations
+        let page = store
+            .conversation_page(
+                demo2.user.id,
+                ConversationQuery {
+                    snapshot: None,
+                    before: None,
+                    limit: 100,
+                },
+            )
+            .await
+            .expect("list");
+        let direct = page
+            .conversations
             .iter()
-            .filter(|(c, _)| matches!(c, Conversation::Direct(_)))
+            .filter(|c| matches!(c.conversation(), Conversation::Direct(_)))
             .count();
         assert_eq!(direct, 2);
         let groups = store.groups_of(demo2.user.id).await.expect("groups");

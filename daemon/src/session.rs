@@ -283,6 +283,8 @@ impl Session {
                 max_body_bytes: u32::try_from(l.max_body_bytes).unwrap_or(u32::MAX),
                 max_group_members: u32::try_from(l.max_group_members).unwrap_or(u32::MAX),
                 max_history_page: u32::try_from(l.max_history_page).unwrap_or(u32::MAX),
+                max_conversation_page: u32::try_from(crate::requests::CONVERSATION_PAGE_MAX)
+                    .unwrap_or(u32::MAX),
                 idle_timeout_ms: u32::try_from(self.shared.config.timeouts.idle().as_millis())
                     .unwrap_or(u32::MAX),
             }),

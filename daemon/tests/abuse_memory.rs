@@ -353,7 +353,10 @@ async fn an_unauthenticated_client_cannot_make_the_server_buffer_a_large_frame()
     raw.login("someone", "raw").await;
     let big = "y".repeat(limit * 2);
     match raw
-        .request(Req::UpdateProfile(pb::UpdateProfile { display_name: big }))
+        .request(Req::UpdateProfile(pb::UpdateProfile {
+            display_name: big,
+            ..Default::default()
+        }))
         .await
     {
         Resp::Error(e) => assert_ne!(e.code, ErrorCode::TooLarge as i32, "{e:?}"),

@@ -211,7 +211,7 @@ async fn an_expired_token_is_refused() {
 #[tokio::test]
 async fn deleting_an_account_needs_the_password_and_frees_the_username() {
     let ts = TestServer::start().await;
-    let (alice, alice_user) = ts.user("alice").await;
+    let (alice, alice_user) = ts.open_user("alice").await;
     let (bob, _) = ts.user("bob").await;
     let mut phone = ts.device("alice", "phone").await;
     let group = bob

@@ -197,6 +197,13 @@ async fn users_on_different_nodes_chat_live_directly_and_in_a_group() {
         ["b->a 1"]
     );
 
+    // Bob wrote to alice, so he accepts her; carol opens up, on another node than alice's:
+    // the setting lives in the shared database.
+    carol
+        .conn()
+        .set_group_add_policy(pb::GroupAddPolicy::Anyone)
+        .await
+        .expect("carol accepts anyone");
     let group = alice
         .conn()
         .create_group("trio", &[b.user_id, c.user_id])

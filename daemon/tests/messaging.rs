@@ -164,8 +164,8 @@ async fn a_history_page_never_exceeds_the_frame_limit() {
 async fn group_messages_reach_online_and_offline_members_and_refuse_outsiders() {
     let ts = TestServer::start().await;
     let (mut alice, _) = ts.user("alice").await;
-    let (mut bob, bob_user) = ts.user("bob").await;
-    let (carol, carol_user) = ts.user("carol").await;
+    let (mut bob, bob_user) = ts.open_user("bob").await;
+    let (carol, carol_user) = ts.open_user("carol").await;
     let (mallory, _) = ts.user("mallory").await;
     let group = alice
         .conn()
@@ -196,25 +196,25 @@ async fn group_messages_reach_online_and_offline_members_and_refuse_outsiders() 
         Some(sent.message_id)
     );
 
-    // Not a member: refused, and nothing reaches the members.
+    // Not a member: refused as if the group did not exist, and nothing reaches the members.
     let err = mallory
         .conn()
         .send_text(Recipient::Group(group.group_id), "let me in")
         .await
         .expect_err("non-member");
-    assert_eq!(code(&err), Some(ErrorCode::PermissionDenied));
+    assert_eq!(code(&err), Some(ErrorCode::NotFound));
     let err = mallory
         .conn()
         .history(Recipient::Group(group.group_id), 0, 10)
         .await
         .expect_err("non-member history");
-    assert_eq!(code(&err), Some(ErrorCode::PermissionDenied));
+    assert_eq!(code(&err), Some(ErrorCode::NotFound));
     let err = mallory
         .conn()
         .get_group(group.group_id)
         .await
         .expect_err("info");
-    assert_eq!(code(&err), Some(ErrorCode::PermissionDenied));
+    assert_eq!(code(&err), Some(ErrorCode::NotFound));
     assert_quiet(&mut bob).await;
     ts.stop().await;
 }
@@ -223,9 +223,9 @@ async fn group_messages_reach_online_and_offline_members_and_refuse_outsiders() 
 async fn only_admins_change_membership_and_leavers_stop_receiving() {
     let ts = TestServer::start().await;
     let (alice, _) = ts.user("alice").await;
-    let (bob, bob_user) = ts.user("bob").await;
-    let (mut carol, carol_user) = ts.user("carol").await;
-    let (_dave, dave_user) = ts.user("dave").await;
+    let (bob, bob_user) = ts.open_user("bob").await;
+    let (mut carol, carol_user) = ts.open_user("carol").await;
+    let (_dave, dave_user) = ts.open_user("dave").await;
     let g = alice
         .conn()
         .create_group("team", &[bob_user.user_id])
@@ -259,7 +259,8 @@ async fn only_admins_change_membership_and_leavers_stop_receiving() {
         .add_members(g.group_id, &[999_999])
         .await
         .expect_err("unknown user");
-    assert_eq!(code(&err), Some(ErrorCode::NotFound));
+    // Answered like a user who does not accept the caller (tests/abuse_groups.rs).
+    assert_eq!(code(&err), Some(ErrorCode::PermissionDenied));
 
     let g3 = alice
         .conn()
@@ -287,9 +288,9 @@ async fn only_admins_change_membership_and_leavers_stop_receiving() {
 async fn repeated_ids_and_the_creator_do_not_count_against_the_group_size() {
     let ts = TestServer::start_with(|c| c.limits.max_group_members = 3).await;
     let (alice, alice_user) = ts.user("alice").await;
-    let (_bob, bob) = ts.user("bob").await;
-    let (_carol, carol) = ts.user("carol").await;
-    let (_dave, dave) = ts.user("dave").await;
+    let (_bob, bob) = ts.open_user("bob").await;
+    let (_carol, carol) = ts.open_user("carol").await;
+    let (_dave, dave) = ts.open_user("dave").await;
     let (b, c, d, me) = (bob.user_id, carol.user_id, dave.user_id, alice_user.user_id);
 
     // Three people, named four times: a group of three, at the limit.

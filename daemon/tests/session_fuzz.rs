@@ -94,6 +94,8 @@ impl Pools {
             }),
             4 => Req::UpdateProfile(pb::UpdateProfile {
                 display_name: self.text(rng),
+                // Valid values, unspecified and out of range alike.
+                group_adds: rng.below(6) as i32 - 1,
             }),
             5 => Req::ChangePassword(pb::ChangePassword {
                 current_password: self.text(rng),
@@ -153,6 +155,7 @@ impl Pools {
             }),
             18 => Req::ListConversations(pb::ListConversations {
                 limit: rng.below(1000) as u32,
+                cursor: self.bytes(rng),
             }),
             _ => Req::Ping(pb::Ping {}),
         }

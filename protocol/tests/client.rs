@@ -130,6 +130,7 @@ fn limits() -> pb::Limits {
         max_group_members: 100,
         max_history_page: 50,
         idle_timeout_ms: 60_000,
+        max_conversation_page: 20,
     }
 }
 
@@ -184,6 +185,7 @@ fn authenticated(token: &[u8], acked_seq: u64) -> server_frame::Kind {
         expires_at_ms: i64::MAX,
         acked_seq,
         login_cookie: Bytes::new(),
+        settings: None,
     })
 }
 
@@ -630,4 +632,73 @@ async fn an_answering_server_keeps_the_connection_and_drop_closes_it() {
     drop(conn);
     drop(events);
     server.await.expect("server");
+}
+
+fn direct_summary(user_id: u64) -> pb::ConversationSummary {
+    pb::ConversationSummary {
+        with: Some(pb::conversation_summary::With::User(pb::User {
+            user_id,
+            username: format!("u{user_id}"),
+            display_name: format!("U{user_id}"),
+        })),
+        last_message: None,
+    }
+}
+
+#[tokio::test]
+async fn list_conversations_follows_the_cursor_to_the_last_page() {
+    let id = self_signed("localhost");
+    let (addr, server) = serve(&id, 1, |_, mut conn| async move {
+        hello(&mut conn).await;
+        // Three pages; the third repeats a conversation (merged by the SDK), the fourth
+        // request hands back a cursor that did not move (the SDK stops instead of looping).
+        let pages: [(&[u64], &[u8]); 4] = [
+            (&[1, 2], b"c1"),
+            (&[3], b"c2"),
+            (&[2, 4], b"c3"),
+            (&[], b"c3"),
+        ];
+        let mut expected_cursor: &[u8] = b"";
+        for (users, next) in pages {
+            let frame = recv(&mut conn).await;
+            let Some(client_frame::Kind::ListConversations(r)) = frame.kind else {
+                panic!("expected ListConversations, got {frame:?}");
+            };
+            assert_eq!(r.limit, 7);
+            assert_eq!(&r.cursor[..], expected_cursor);
+            expected_cursor = next;
+            let list = pb::ConversationList {
+                conversations: users.iter().map(|&u| direct_summary(u)).collect(),
+                next_cursor: Bytes::from_static(next),
+            };
+            send(
+                &mut conn,
+                frame.request_id,
+                server_frame::Kind::ConversationList(list),
+            )
+            .await;
+        }
+        let _ = recv_until_eof(&mut conn).await;
+    })
+    .await;
+
+    let client = Client::connect(options(addr, Trust::CaPem(id.cert_pem.into_bytes())))
+        .await
+        .expect("connect");
+    let all = client
+        .conn()
+        .list_conversations(7)
+        .await
+        .expect("all pages");
+    let users: Vec<u64> = all
+        .iter()
+        .map(|c| match &c.with {
+            Some(pb::conversation_summary::With::User(u)) => u.user_id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(users, [1, 2, 3, 4]);
+    client.close().await;
+    drop(client);
+    server.await.expect("server script");
 }

@@ -87,6 +87,7 @@ fn every_request() -> Vec<(&'static str, Req)> {
             "update-profile",
             Req::UpdateProfile(pb::UpdateProfile {
                 display_name: "Renamed".into(),
+                group_adds: pb::GroupAddPolicy::Anyone as i32,
             }),
         ),
         (
@@ -149,7 +150,10 @@ fn every_request() -> Vec<(&'static str, Req)> {
         ("ping", Req::Ping(pb::Ping {})),
         (
             "list-conversations",
-            Req::ListConversations(pb::ListConversations { limit: 50 }),
+            Req::ListConversations(pb::ListConversations {
+                limit: 50,
+                cursor: Bytes::from_static(&[1; 17]),
+            }),
         ),
     ]
 }
@@ -191,6 +195,7 @@ fn every_response() -> Vec<(&'static str, Resp)> {
                     max_group_members: 1000,
                     max_history_page: 200,
                     idle_timeout_ms: 120_000,
+                    max_conversation_page: 100,
                 }),
                 node: String::new(),
             }),
@@ -207,6 +212,9 @@ fn every_response() -> Vec<(&'static str, Resp)> {
             "registered",
             Resp::Registered(pb::Registered {
                 user: Some(user.clone()),
+                settings: Some(pb::AccountSettings {
+                    group_adds: pb::GroupAddPolicy::Contacts as i32,
+                }),
             }),
         ),
         (
@@ -218,6 +226,9 @@ fn every_response() -> Vec<(&'static str, Resp)> {
                 expires_at_ms: 1_800_000_000_000,
                 acked_seq: 4,
                 login_cookie: Bytes::new(),
+                settings: Some(pb::AccountSettings {
+                    group_adds: pb::GroupAddPolicy::Nobody as i32,
+                }),
             }),
         ),
         ("ok", Resp::Ok(pb::Ok {})),
@@ -264,6 +275,7 @@ fn every_response() -> Vec<(&'static str, Resp)> {
             "conversation-list",
             Resp::ConversationList(pb::ConversationList {
                 conversations: vec![pb::ConversationSummary::default()],
+                next_cursor: Bytes::from_static(&[1; 17]),
             }),
         ),
     ]
@@ -335,7 +347,10 @@ fn session_seeds() -> Vec<(String, Vec<u8>)> {
                     before_message_id: 0,
                     limit: 20,
                 }),
-                Req::ListConversations(pb::ListConversations { limit: 20 }),
+                Req::ListConversations(pb::ListConversations {
+                    limit: 20,
+                    cursor: Bytes::new(),
+                }),
                 Req::LookupUser(pb::LookupUser {
                     by: Some(By::Username("fuzz_a".into())),
                 }),
@@ -388,6 +403,7 @@ fn session_seeds() -> Vec<(String, Vec<u8>)> {
                     }),
                     Req::UpdateProfile(pb::UpdateProfile {
                         display_name: "Renamed".into(),
+                        group_adds: pb::GroupAddPolicy::Nobody as i32,
                     }),
                     Req::ChangePassword(pb::ChangePassword {
                         current_password: PASSWORD.into(),

@@ -8,7 +8,7 @@ use super::short_name;
 use crate::auth::{self, Lane};
 use crate::limits::AddressGroup;
 use crate::metrics;
-use crate::model::{Session as StoredSession, now_millis};
+use crate::model::{GroupAdds, ProfileChange, Session as StoredSession, now_millis};
 use crate::session::{After, Handled, Session, ok, rate_limited};
 use crate::store::{NewAccount, NewSession, StoreError};
 
@@ -71,6 +71,7 @@ impl Session {
                 username_key,
                 display_name,
                 password_hash,
+                group_adds: GroupAdds::default(),
             })
             .await
             .map_err(|e| match e {
@@ -81,6 +82,7 @@ impl Session {
             })?;
         ok(Resp::Registered(pb::Registered {
             user: Some(pb::User::from(&user)),
+            settings: Some(GroupAdds::default().into()),
         }))
     }
 
@@ -223,6 +225,7 @@ impl Session {
             expires_at_ms: session.expires_at,
             acked_seq: session.acked.0,
             login_cookie,
+            settings: Some(session.group_adds.into()),
         });
         Ok((
             resp,
@@ -235,15 +238,42 @@ impl Session {
     }
 
     pub(crate) async fn update_profile(&mut self, r: pb::UpdateProfile) -> Handled {
-        let name = auth::display_name(&r.display_name)?;
         let user_id = self.authed()?.user.id;
-        let user = self
+        // Each field left at its zero value stays as it is; everything is checked before
+        // anything is written.
+        let display_name = if r.display_name.is_empty() {
+            None
+        } else {
+            Some(auth::display_name(&r.display_name)?)
+        };
+        let group_adds = match r.group_adds {
+            0 => None,
+            n => Some(GroupAdds::from_wire(n).ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("unknown group_adds value {n}"),
+                )
+            })?),
+        };
+        if display_name.is_none() && group_adds.is_none() {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "nothing to update: set display_name or group_adds",
+            ));
+        }
+        let profile = self
             .shared
             .store
-            .update_display_name(user_id, &name)
+            .update_profile(
+                user_id,
+                ProfileChange {
+                    display_name,
+                    group_adds,
+                },
+            )
             .await?;
         if let Some(a) = self.auth.as_mut() {
-            a.user = user;
+            a.user = profile.user;
         }
         ok(Resp::Ok(pb::Ok {}))
     }

@@ -4,17 +4,43 @@ use messenger_protocol::pb::{self, server_frame::Kind as Resp};
 use messenger_protocol::{ErrorCode, WireError};
 use prost::Message as _;
 
+use super::conversation_cursor::Cursor;
 use super::invalid;
 use crate::auth;
 use crate::delivery;
 use crate::model::{
-    Conversation, GroupId, MessageId, NewMessage, Recipient, Seq, UserId, now_millis,
+    Conversation, ConversationQuery, ConversationSummary, ConversationWith, GroupId, MessageId,
+    NewMessage, Recipient, Seq, UserId, now_millis,
 };
 use crate::session::{After, Handled, Session, ok, rate_limited};
 
 pub const CLIENT_MSG_ID_MAX: usize = 64;
 pub const CONTENT_TYPE_MAX: usize = 64;
 pub const DEFAULT_CONTENT_TYPE: &str = "text/plain";
+/// Most conversations in one `ConversationList` page (and the size of a page asked with 0).
+pub const CONVERSATION_PAGE_MAX: usize = 100;
+
+fn summary(found: &ConversationSummary) -> pb::ConversationSummary {
+    let with = match &found.with {
+        ConversationWith::Group(group) => pb::conversation_summary::With::Group(group.into()),
+        ConversationWith::Direct(_, Some(user)) => {
+            pb::conversation_summary::With::User(user.into())
+        }
+        // A deleted account: the name stamped on its last message if it sent it.
+        ConversationWith::Direct(peer, None) if found.last.sender.id == *peer => {
+            pb::conversation_summary::With::User((&found.last.sender).into())
+        }
+        ConversationWith::Direct(peer, None) => pb::conversation_summary::With::User(pb::User {
+            user_id: peer.0,
+            username: format!("deleted-{peer}"),
+            display_name: format!("deleted-{peer}"),
+        }),
+    };
+    pb::ConversationSummary {
+        with: Some(with),
+        last_message: Some(pb::Message::from(&found.last)),
+    }
+}
 
 impl Session {
     pub(crate) async fn lookup_user(&mut self, r: pb::LookupUser) -> Handled {
@@ -98,47 +124,57 @@ impl Session {
 
     pub(crate) async fn list_conversations(&mut self, r: pb::ListConversations) -> Handled {
         let reader = self.authed()?.user.id;
-        let cap = self.shared.config.limits.max_history_page;
+        let cursor = Cursor::decode(&r.cursor)?;
         let limit = match r.limit as usize {
-            0 => cap,
-            n => n.min(cap),
+            0 => CONVERSATION_PAGE_MAX,
+            n => n.min(CONVERSATION_PAGE_MAX),
         };
-        let store = &self.shared.store;
-        let found = store.conversations(reader, limit).await?;
-        let groups: std::collections::HashMap<GroupId, pb::Group> = store
-            .groups_of(reader)
-            .await?
-            .iter()
-            .map(|g| (g.id, pb::Group::from(g)))
-            .collect();
-        let mut conversations = Vec::with_capacity(found.len());
-        for (conversation, last) in found {
-            let with = match conversation {
-                Conversation::Group(g) => match groups.get(&g) {
-                    Some(group) => pb::conversation_summary::With::Group(group.clone()),
-                    // Left between the two reads.
-                    None => continue,
+        // One more than asked: whether it exists says if there is a next page.
+        let page = self
+            .shared
+            .store
+            .conversation_page(
+                reader,
+                ConversationQuery {
+                    snapshot: cursor.map(|c| c.snapshot),
+                    before: cursor.map(|c| c.after),
+                    limit: limit + 1,
                 },
-                Conversation::Direct(peer) => {
-                    let user = match store.account_by_id(peer).await? {
-                        Some(account) => pb::User::from(&account.user),
-                        None if last.sender.id == peer => pb::User::from(&last.sender),
-                        None => pb::User {
-                            user_id: peer.0,
-                            username: format!("deleted-{peer}"),
-                            display_name: format!("deleted-{peer}"),
-                        },
-                    };
-                    pb::conversation_summary::With::User(user)
-                }
-            };
-            conversations.push(pb::ConversationSummary {
-                with: Some(with),
-                last_message: Some(pb::Message::from(&last)),
-            });
+            )
+            .await?;
+        let mut more = page.conversations.len() > limit;
+        // Keep the page inside one frame: stop early rather than fail on big last messages
+        // (four 64 KiB bodies used to make the whole list fail).
+        let budget = self
+            .shared
+            .config
+            .limits
+            .max_frame_bytes
+            .saturating_sub(1024);
+        let mut used = 0;
+        let mut conversations = Vec::with_capacity(limit);
+        let mut last_key = None;
+        for found in page.conversations.iter().take(limit) {
+            let summary = summary(found);
+            used += summary.encoded_len() + 8;
+            if used > budget && !conversations.is_empty() {
+                more = true;
+                break;
+            }
+            last_key = Some(found.last.id);
+            conversations.push(summary);
         }
+        let next_cursor = match (more, last_key) {
+            (true, Some(after)) => Cursor {
+                snapshot: page.snapshot,
+                after,
+            }
+            .encode(),
+            _ => Vec::new(),
+        };
         ok(Resp::ConversationList(pb::ConversationList {
             conversations,
+            next_cursor: next_cursor.into(),
         }))
     }
 

@@ -2,9 +2,12 @@
 //! `Session::dispatch`. Handlers validate input first and change nothing on error.
 
 mod accounts;
+mod conversation_cursor;
 mod groups;
 mod login_budget;
 mod messages;
+
+pub use messages::CONVERSATION_PAGE_MAX;
 
 use messenger_protocol::{ErrorCode, WireError};
 

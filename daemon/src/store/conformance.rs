@@ -11,8 +11,9 @@ use bytes::Bytes;
 
 use super::{NewAccount, NewSession, Store, StoreError};
 use crate::model::{
-    Appended, Conversation, DeviceId, GroupId, InboxEntry, MessageId, NewMessage, Recipient, Seq,
-    Session, StoredMessage, User, UserId,
+    Appended, Conversation, ConversationPage, ConversationQuery, ConversationWith, DeviceId,
+    GroupAdds, GroupId, InboxEntry, MessageId, NewMessage, ProfileChange, Recipient, Seq, Session,
+    StoredMessage, User, UserId,
 };
 
 /// Ids no test creates; the stores start counting at 1.
@@ -23,20 +24,85 @@ const ALL: usize = usize::MAX;
 
 // ----- helpers -----
 
+/// An account that accepts group additions from anyone, so the group cases need not set up
+/// contacts; consent has cases of its own, on accounts made by `create_with`.
 fn new_account(name: &str) -> NewAccount {
     NewAccount {
         username: name.to_owned(),
         username_key: name.to_lowercase(),
         display_name: format!("{name} (display)"),
         password_hash: format!("hash-of-{name}"),
+        group_adds: GroupAdds::Anyone,
     }
 }
 
 async fn create(store: &dyn Store, name: &str) -> User {
+    create_with(store, name, GroupAdds::Anyone).await
+}
+
+async fn create_with(store: &dyn Store, name: &str, group_adds: GroupAdds) -> User {
     store
-        .create_account(new_account(name))
+        .create_account(NewAccount {
+            group_adds,
+            ..new_account(name)
+        })
         .await
         .expect("create account")
+}
+
+async fn rename(store: &dyn Store, user: UserId, display_name: &str) -> Result<User, StoreError> {
+    store
+        .update_profile(
+            user,
+            ProfileChange {
+                display_name: Some(display_name.to_owned()),
+                group_adds: None,
+            },
+        )
+        .await
+        .map(|profile| profile.user)
+}
+
+async fn set_group_adds(store: &dyn Store, user: &User, group_adds: GroupAdds) {
+    let profile = store
+        .update_profile(
+            user.id,
+            ProfileChange {
+                display_name: None,
+                group_adds: Some(group_adds),
+            },
+        )
+        .await
+        .expect("update profile");
+    assert_eq!(profile.group_adds, group_adds);
+}
+
+async fn conversation_page(
+    store: &dyn Store,
+    reader: &User,
+    snapshot: Option<MessageId>,
+    before: Option<MessageId>,
+    limit: usize,
+) -> ConversationPage {
+    store
+        .conversation_page(
+            reader.id,
+            ConversationQuery {
+                snapshot,
+                before,
+                limit,
+            },
+        )
+        .await
+        .expect("conversation page")
+}
+
+/// (conversation, client_msg_id of its last message), in page order.
+fn listed(page: &ConversationPage) -> Vec<(Conversation, &str)> {
+    page.conversations
+        .iter()
+        .map(|c| (c.conversation(), c.last.client_msg_id.as_str()))
+        .collect()
 }
 
 fn token(n: u8) -> [u8; 32] {
@@ -140,6 +206,9 @@ fn assert_err<T: std::fmt::Debug>(result: Result<T, StoreError>, expected: &Stor
                 | (StoreError::LimitExceeded(a), StoreError::LimitExceeded(b)) => {
                     assert_eq!(a, b, "wrong error payload");
                 }
+                (StoreError::GroupAddRefused(a), StoreError::GroupAddRefused(b)) => {
+                    assert_eq!(a, b, "wrong refused users");
+                }
                 _ => {}
             }
         }
@@ -200,7 +269,7 @@ pub(crate) async fn display_name_changes_do_not_rewrite_history(store: &dyn Stor
     let alice = create(store, "alice").await;
     let bob = create(store, "bob").await;
     dm(store, &alice, &bob, "before").await;
-    let renamed = store.update_display_name(alice.id, "Queen").await.unwrap();
+    let renamed = rename(store, alice.id, "Queen").await.unwrap();
     assert_eq!(renamed.id, alice.id);
     assert_eq!(renamed.username, "alice");
     assert_eq!(renamed.display_name, "Queen");
@@ -211,7 +280,7 @@ pub(crate) async fn display_name_changes_do_not_rewrite_history(store: &dyn Stor
     assert_eq!(page[0].sender.display_name, "Queen");
     assert_eq!(page[1].sender.display_name, "alice (display)");
     assert_err(
-        store.update_display_name(MISSING_USER, "x").await,
+        rename(store, MISSING_USER, "x").await,
         &StoreError::NotFound("user"),
     );
 }
@@ -514,18 +583,19 @@ pub(crate) async fn non_member_cannot_send_to_a_group(store: &dyn Store) {
     let group = new_group(store, &alice, "team", &[bob.id]).await;
     let earlier = to_group(store, &bob, group, "earlier").await;
 
+    // Answered like a group that does not exist: group ids are not for probing.
     assert_err(
         store
             .append_message(message(&dave, Recipient::Group(group), "sneak"))
             .await,
-        &StoreError::PermissionDenied(""),
+        &StoreError::NotFound("group"),
     );
     store.remove_member(alice.id, group, bob.id).await.unwrap();
     assert_err(
         store
             .append_message(message(&bob, Recipient::Group(group), "after removal"))
             .await,
-        &StoreError::PermissionDenied(""),
+        &StoreError::NotFound("group"),
     );
     assert_eq!(store.inbox_head(alice.id).await.unwrap(), Seq(1));
     assert_eq!(store.inbox_head(dave.id).await.unwrap(), Seq(0));
@@ -682,7 +752,7 @@ pub(crate) async fn group_history_is_for_members_only(store: &dyn Store) {
 
     assert_err(
         store.history(carol.id, conv, None, ALL).await,
-        &StoreError::PermissionDenied(""),
+        &StoreError::NotFound("group"),
     );
     assert_err(
         store
@@ -693,7 +763,7 @@ pub(crate) async fn group_history_is_for_members_only(store: &dyn Store) {
     store.leave_group(bob.id, group).await.unwrap();
     assert_err(
         store.history(bob.id, conv, None, ALL).await,
-        &StoreError::PermissionDenied(""),
+        &StoreError::NotFound("group"),
     );
 }
 
@@ -708,29 +778,271 @@ pub(crate) async fn conversations_list_each_chat_once_newest_first(store: &dyn S
     dm(store, &carol, &alice, "d2").await;
     to_group(store, &bob, team, "g1").await;
     dm(store, &bob, &alice, "d3").await;
+    dm(store, &alice, &alice, "note").await;
     store.leave_group(alice.id, left).await.unwrap();
 
-    let list = store.conversations(alice.id, ALL).await.unwrap();
-    let seen: Vec<(Conversation, &str)> = list
-        .iter()
-        .map(|(c, m)| (*c, m.client_msg_id.as_str()))
-        .collect();
+    let all = conversation_page(store, &alice, None, None, ALL).await;
     assert_eq!(
-        seen,
+        listed(&all),
         [
+            (Conversation::Direct(alice.id), "note"),
             (Conversation::Direct(bob.id), "d3"),
             (Conversation::Group(team), "g1"),
             (Conversation::Direct(carol.id), "d2"),
         ],
         "newest first, one row per conversation, groups left are gone"
     );
-    assert_eq!(store.conversations(alice.id, 1).await.unwrap().len(), 1);
+    match &all.conversations[2].with {
+        ConversationWith::Group(g) => assert_eq!(g.name, "team"),
+        other => panic!("expected the group, got {other:?}"),
+    }
+    match &all.conversations[3].with {
+        ConversationWith::Direct(peer, Some(user)) => {
+            assert_eq!(*peer, carol.id);
+            assert_eq!(user, &carol);
+        }
+        other => panic!("expected carol, got {other:?}"),
+    }
+    assert_eq!(all.snapshot, all.conversations[0].last.id);
+
+    // Paged one by one, the same list.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = conversation_page(store, &alice, Some(all.snapshot), before, 1).await;
+        let Some(last) = page.conversations.last() else {
+            break;
+        };
+        before = Some(last.last.id);
+        paged.extend(page.conversations);
+    }
+    assert_eq!(paged, all.conversations);
+
+    // A deleted peer stays listed, without an account.
+    store.delete_account(carol.id).await.unwrap();
+    let after = conversation_page(store, &alice, None, None, ALL).await;
+    assert!(matches!(
+        after.conversations[3].with,
+        ConversationWith::Direct(peer, None) if peer == carol.id
+    ));
+    assert!(
+        conversation_page(store, &carol, None, None, ALL)
+            .await
+            .conversations
+            .is_empty()
+    );
+}
+
+pub(crate) async fn conversation_pages_hold_still_while_chats_move(store: &dyn Store) {
+    let reader = create(store, "reader").await;
+    let mut peers = Vec::new();
+    for i in 0..6 {
+        let peer = create(store, &format!("peer{i}")).await;
+        dm(store, &peer, &reader, &format!("first-{i}")).await;
+        peers.push(peer);
+    }
+    let group = new_group(store, &peers[0], "club", &[reader.id]).await;
+    to_group(store, &peers[0], group, "club-first").await;
+    // Newest first: club, peer5 .. peer0.
+    let first = conversation_page(store, &reader, None, None, 3).await;
+    assert_eq!(
+        listed(&first),
+        [
+            (Conversation::Group(group), "club-first"),
+            (Conversation::Direct(peers[5].id), "first-5"),
+            (Conversation::Direct(peers[4].id), "first-4"),
+        ]
+    );
+
+    // While the client pages: a chat not yet listed and one already listed get messages, and
+    // a new one starts.
+    dm(store, &peers[1], &reader, "second-1").await;
+    dm(store, &reader, &peers[5], "second-5").await;
+    to_group(store, &peers[0], group, "club-second").await;
+    let newcomer = create(store, "newcomer").await;
+    dm(store, &newcomer, &reader, "hello").await;
+
+    let cursor = first.conversations.last().map(|c| c.last.id);
+    let rest = conversation_page(store, &reader, Some(first.snapshot), cursor, ALL).await;
+    assert_eq!(rest.snapshot, first.snapshot);
+    assert_eq!(
+        listed(&rest),
+        [
+            (Conversation::Direct(peers[3].id), "first-3"),
+            (Conversation::Direct(peers[2].id), "first-2"),
+            (Conversation::Direct(peers[1].id), "first-1"),
+            (Conversation::Direct(peers[0].id), "first-0"),
+        ],
+        "the snapshot's list: nothing skipped, nothing twice, nothing newer"
+    );
+
+    // A fresh listing shows the new order.
+    let fresh = conversation_page(store, &reader, None, None, 4).await;
+    assert_eq!(
+        listed(&fresh),
+        [
+            (Conversation::Direct(newcomer.id), "hello"),
+            (Conversation::Group(group), "club-second"),
+            (Conversation::Direct(peers[5].id), "second-5"),
+            (Conversation::Direct(peers[1].id), "second-1"),
+        ]
+    );
+}
+
+pub(crate) async fn a_group_is_a_conversation_from_the_first_message_after_joining(
+    store: &dyn Store,
+) {
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let group = new_group(store, &alice, "team", &[]).await;
+    to_group(store, &alice, group, "before bob").await;
+    store
+        .add_members(alice.id, group, &[bob.id], 10)
+        .await
+        .unwrap();
+    assert!(
+        conversation_page(store, &bob, None, None, ALL)
+            .await
+            .conversations
+            .is_empty(),
+        "nothing reached bob's inbox from this group yet"
+    );
+    let snapshot = conversation_page(store, &alice, None, None, ALL)
+        .await
+        .snapshot;
+    to_group(store, &alice, group, "welcome").await;
+    let listed_now = conversation_page(store, &bob, None, None, ALL).await;
+    assert_eq!(
+        listed(&listed_now),
+        [(Conversation::Group(group), "welcome")]
+    );
+    // As of an earlier snapshot, the group had nothing for bob.
+    assert!(
+        conversation_page(store, &bob, Some(snapshot), None, ALL)
+            .await
+            .conversations
+            .is_empty()
+    );
+}
+
+pub(crate) async fn group_adds_decide_who_may_add_a_user(store: &dyn Store) {
+    let admin = create_with(store, "admin", GroupAdds::Contacts).await;
+    let friend = create_with(store, "friend", GroupAdds::Contacts).await;
+    let stranger = create_with(store, "stranger", GroupAdds::Contacts).await;
+    let open = create_with(store, "open", GroupAdds::Anyone).await;
+    let closed = create_with(store, "closed", GroupAdds::Nobody).await;
+    let fresh = store
+        .create_account(NewAccount {
+            group_adds: GroupAdds::default(),
+            ..new_account("fresh")
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        login(store, &fresh, 9).await.group_adds,
+        GroupAdds::Contacts,
+        "the default"
+    );
+
+    // A message the stranger receives from the admin does not make the admin their contact.
+    dm(store, &admin, &stranger, "unsolicited").await;
+    // One the friend writes to the admin does.
+    dm(store, &friend, &admin, "hi").await;
+
+    let group = new_group(store, &admin, "g", &[]).await;
+    assert_err(
+        store
+            .add_members(
+                admin.id,
+                group,
+                &[open.id, stranger.id, MISSING_USER, closed.id],
+                10,
+            )
+            .await,
+        &StoreError::GroupAddRefused(vec![stranger.id, MISSING_USER, closed.id]),
+    );
+    assert_eq!(
+        members(store, &admin, group).await,
+        [(admin.id, true)],
+        "a refused request adds nobody, not even those who accept"
+    );
+    let before = store.groups_of(admin.id).await.unwrap().len();
+    assert_err(
+        store
+            .create_group(admin.id, "refused", &[friend.id, stranger.id], 10, 1)
+            .await,
+        &StoreError::GroupAddRefused(vec![stranger.id]),
+    );
+    assert_eq!(store.groups_of(admin.id).await.unwrap().len(), before);
+    assert!(store.groups_of(friend.id).await.unwrap().is_empty());
+
+    let added = store
+        .add_members(admin.id, group, &[open.id, friend.id], 10)
+        .await
+        .unwrap();
+    assert_eq!(added.members.len(), 3);
+
+    // Sharing a group makes a contact: open (now in g with the admin) switches to contacts
+    // and still accepts the admin, but not the stranger.
+    set_group_adds(store, &open, GroupAdds::Contacts).await;
+    let second = store
+        .create_group(admin.id, "second", &[open.id], 10, 1)
+        .await
+        .unwrap();
+    assert_eq!(second.members.len(), 2);
+    let strangers = new_group(store, &stranger, "s", &[]).await;
+    assert_err(
+        store
+            .add_members(stranger.id, strangers, &[open.id], 10)
+            .await,
+        &StoreError::GroupAddRefused(vec![open.id]),
+    );
+
+    // Nobody: not even a contact.
+    set_group_adds(store, &friend, GroupAdds::Nobody).await;
+    assert_err(
+        store
+            .create_group(admin.id, "third", &[friend.id], 10, 1)
+            .await,
+        &StoreError::GroupAddRefused(vec![friend.id]),
+    );
+    let session = login(store, &friend, 10).await;
+    assert_eq!(session.group_adds, GroupAdds::Nobody);
+    let by_token = store
+        .session_by_token(&token(10))
+        .await
+        .unwrap()
+        .expect("session");
+    assert_eq!(by_token.group_adds, GroupAdds::Nobody);
+
+    // Whoever is refused can still leave what they are in.
+    store.leave_group(friend.id, group).await.unwrap();
+    // An admin can always create a group alone, whatever the setting.
     assert!(
         store
-            .conversations(MISSING_USER, ALL)
+            .create_group(closed.id, "mine", &[], 10, 1)
             .await
-            .unwrap()
-            .is_empty()
+            .is_ok()
+    );
+
+    // Changing one field leaves the other alone.
+    let renamed = rename(store, friend.id, "Friendly").await.unwrap();
+    assert_eq!(renamed.display_name, "Friendly");
+    assert_eq!(
+        login(store, &friend, 11).await.group_adds,
+        GroupAdds::Nobody
+    );
+    assert_err(
+        store
+            .update_profile(
+                MISSING_USER,
+                ProfileChange {
+                    display_name: None,
+                    group_adds: Some(GroupAdds::Anyone),
+                },
+            )
+            .await,
+        &StoreError::NotFound("user"),
     );
 }
 
@@ -759,13 +1071,14 @@ pub(crate) async fn group_changes_follow_admin_rules(store: &dyn Store) {
     let group = created.id;
 
     let denied = StoreError::PermissionDenied("");
+    let hidden = StoreError::NotFound("group");
     assert_err(
         store.add_members(bob.id, group, &[carol.id], 10).await,
         &denied,
     );
     assert_err(
         store.add_members(dave.id, group, &[carol.id], 10).await,
-        &denied,
+        &hidden,
     );
     assert_err(
         store
@@ -785,7 +1098,7 @@ pub(crate) async fn group_changes_follow_admin_rules(store: &dyn Store) {
         store
             .add_members(alice.id, group, &[dave.id, MISSING_USER], 10)
             .await,
-        &StoreError::NotFound("user"),
+        &StoreError::GroupAddRefused(vec![MISSING_USER]),
     );
     assert_err(
         store
@@ -794,10 +1107,10 @@ pub(crate) async fn group_changes_follow_admin_rules(store: &dyn Store) {
         &StoreError::LimitExceeded("group size"),
     );
     assert_eq!(members(store, &alice, group).await.len(), 3);
-    assert_err(store.group(dave.id, group).await, &denied);
+    assert_err(store.group(dave.id, group).await, &hidden);
 
     assert_err(store.remove_member(bob.id, group, carol.id).await, &denied);
-    assert_err(store.remove_member(dave.id, group, carol.id).await, &denied);
+    assert_err(store.remove_member(dave.id, group, carol.id).await, &hidden);
     assert_err(
         store.remove_member(alice.id, group, alice.id).await,
         &denied,
@@ -813,7 +1126,7 @@ pub(crate) async fn group_changes_follow_admin_rules(store: &dyn Store) {
     let got: Vec<_> = after.members.iter().map(|m| (m.user.id, m.admin)).collect();
     assert_eq!(got, [(alice.id, true), (bob.id, false)]);
 
-    assert_err(store.group(carol.id, group).await, &denied);
+    assert_err(store.group(carol.id, group).await, &hidden);
     assert_err(
         store.group(alice.id, MISSING_GROUP).await,
         &StoreError::NotFound("group"),
@@ -835,7 +1148,7 @@ pub(crate) async fn create_group_checks_users_and_size(store: &dyn Store) {
         store
             .create_group(alice.id, "g", &[bob.id, MISSING_USER], 10, 1)
             .await,
-        &StoreError::NotFound("user"),
+        &StoreError::GroupAddRefused(vec![MISSING_USER]),
     );
     assert_err(
         store
@@ -904,7 +1217,7 @@ pub(crate) async fn leaving_hands_admin_to_the_longest_standing_member(store: &d
     );
     assert_err(
         store.leave_group(bob.id, group).await,
-        &StoreError::NotFound("member"),
+        &StoreError::NotFound("group"),
     );
 
     store.leave_group(alice.id, group).await.unwrap();
@@ -1132,8 +1445,7 @@ pub(crate) async fn queued_renames_and_deletions_apply_to_the_next_append(store:
     let queued: Vec<Pin<Box<dyn Future<Output = Outcome> + Send + '_>>> = vec![
         Box::pin(append(&alice, &bob, "a1")),
         Box::pin(async {
-            store
-                .update_display_name(alice.id, "Queen")
+            rename(store, alice.id, "Queen")
                 .await
                 .map(|_| (String::new(), Vec::new()))
                 .map_err(|e| e.to_string())
@@ -1412,6 +1724,9 @@ macro_rules! for_each_backend {
                 direct_history_pages_newest_first_from_both_sides,
                 group_history_is_for_members_only,
                 conversations_list_each_chat_once_newest_first,
+                conversation_pages_hold_still_while_chats_move,
+                a_group_is_a_conversation_from_the_first_message_after_joining,
+                group_adds_decide_who_may_add_a_user,
                 group_changes_follow_admin_rules,
                 create_group_checks_users_and_size,
                 leaving_hands_admin_to_the_longest_standing_member,
@@ -1561,8 +1876,9 @@ pub(crate) mod postgres_backend {
     use tokio_postgres::NoTls;
 
     use super::super::Store;
+    use super::super::StoreError;
     use super::super::postgres::{PostgresOptions, PostgresStore, parse_url};
-    use crate::model::{MessageId, Recipient, Seq, UserId};
+    use crate::model::{Conversation, GroupAdds, MessageId, Recipient, Seq, UserId};
 
     fn admin_url() -> String {
         crate::testing::postgres_admin_url()
@@ -1777,7 +2093,8 @@ pub(crate) mod postgres_backend {
 
     /// Each database is its own cluster: a fresh one gets a fresh id, the table refuses a
     /// second identity, and a database made before the identity existed (V1 only) gets one
-    /// when migrated in place, keeping its data.
+    /// when migrated in place, keeping its data; V3 then indexes the conversations and
+    /// contacts that data already holds.
     #[tokio::test]
     async fn each_database_has_one_cluster_id_and_an_old_one_gains_it_in_place() {
         let (one, two) = (TestDb::create().await, TestDb::create().await);
@@ -1788,6 +2105,11 @@ pub(crate) mod postgres_backend {
         drop(two);
 
         let alice = super::create(a.as_ref(), "alice").await;
+        let bob = super::create(a.as_ref(), "bob").await;
+        let carol = super::create(a.as_ref(), "carol").await;
+        super::dm(a.as_ref(), &bob, &alice, "old dm").await;
+        let club = super::new_group(a.as_ref(), &alice, "club", &[carol.id]).await;
+        super::to_group(a.as_ref(), &carol, club, "old group message").await;
         let (client, connection) = one.config.connect(NoTls).await.expect("connect");
         tokio::spawn(connection);
         let second = client
@@ -1798,21 +2120,46 @@ pub(crate) mod postgres_backend {
         // refuses to apply a version below the newest applied one, so the later ones go too).
         client
             .batch_execute(
-                "DROP TABLE cluster_identity; DROP TABLE login_cookies; \
-                 DELETE FROM refinery_schema_history WHERE version IN (2, 4)",
+                "DROP TABLE direct_threads; \
+                 ALTER TABLE users DROP COLUMN group_adds; \
+                 ALTER TABLE groups DROP COLUMN last_message_id; \
+                 ALTER TABLE group_members DROP COLUMN joined_after; \
+                 DROP TABLE cluster_identity; DROP TABLE login_cookies; \
+                 DELETE FROM refinery_schema_history WHERE version IN (2, 3, 4)",
             )
             .await
-            .expect("undo V2 and V4");
+            .expect("undo V2, V3 and V4");
         a.close().await.expect("close");
         let applied = super::super::postgres::migrate(&one.config, Duration::from_secs(5))
             .await
             .expect("upgrade in place");
-        assert_eq!(applied, 2);
+        assert_eq!(applied, 3);
         let upgraded = one.open(options()).await;
         let new_id = upgraded.cluster_id().await.expect("id after upgrade");
         assert_eq!(new_id.len(), 32);
         let found = upgraded.account_by_id(alice.id).await.expect("read");
-        assert_eq!(found.map(|a| a.user), Some(alice));
+        assert_eq!(found.as_ref().map(|a| &a.user), Some(&alice));
+        let list = super::conversation_page(upgraded.as_ref(), &alice, None, None, 10).await;
+        assert_eq!(
+            super::listed(&list),
+            [
+                (Conversation::Group(club), "old group message"),
+                (Conversation::Direct(bob.id), "old dm"),
+            ]
+        );
+        // Existing accounts got the default; bob wrote to alice, so alice is his contact.
+        super::set_group_adds(upgraded.as_ref(), &carol, GroupAdds::Nobody).await;
+        let refused = upgraded
+            .create_group(alice.id, "new", &[bob.id, carol.id], 10, 1)
+            .await;
+        super::assert_err(refused, &StoreError::GroupAddRefused(vec![carol.id]));
+        // The other way round: alice never wrote to bob and shares no group with him.
+        super::assert_err(
+            upgraded
+                .create_group(bob.id, "bob's", &[alice.id], 10, 1)
+                .await,
+            &StoreError::GroupAddRefused(vec![alice.id]),
+        );
         upgraded.close().await.expect("close");
     }
 

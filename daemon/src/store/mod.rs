@@ -8,9 +8,13 @@
 //!   is readable, every entry below N of that user is readable too, so a cursor never skips.
 //! - (sender, client_msg_id) is unique; a repeat returns the first message with
 //!   `duplicate = true` and appends nothing.
-//! - Authorization that depends on stored state (membership, admin rights) is checked inside
-//!   the same transaction as the change, so a concurrent removal cannot slip a message through.
+//! - Authorization that depends on stored state (membership, admin rights, consent to group
+//!   additions) is checked inside the same transaction as the change, so a concurrent removal
+//!   cannot slip a message through, and a refused request changes nothing.
+//! - A group the actor is not a member of is `NotFound("group")`, exactly like a group that
+//!   does not exist: group ids are not for probing.
 
+mod conversations;
 pub mod postgres;
 pub mod sqlite;
 
@@ -20,8 +24,9 @@ mod conformance;
 use async_trait::async_trait;
 
 use crate::model::{
-    Account, Appended, Conversation, DeviceId, Group, GroupId, InboxEntry, MessageId, NewMessage,
-    Seq, Session, StoredMessage, UnixMillis, User, UserId,
+    Account, Appended, Conversation, ConversationPage, ConversationQuery, DeviceId, Group,
+    GroupAdds, GroupId, InboxEntry, MessageId, NewMessage, Profile, ProfileChange, Seq, Session,
+    StoredMessage, UnixMillis, User, UserId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,10 @@ pub enum StoreError {
     /// A limit kept by the store (group size).
     #[error("limit exceeded: {0}")]
     LimitExceeded(&'static str),
+    /// These users (in request order) do not accept being added to a group by the actor, or
+    /// do not exist: the two are one answer on purpose.
+    #[error("{}", refused_message(.0))]
+    GroupAddRefused(Vec<UserId>),
     /// The backend cannot be reached or is shutting down; nothing was changed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -47,6 +56,28 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Most refused ids named in one error; a longer list is only a longer message.
+const REFUSED_NAMED: usize = 10;
+
+fn refused_message(users: &[UserId]) -> String {
+    let named: Vec<String> = users
+        .iter()
+        .take(REFUSED_NAMED)
+        .map(ToString::to_string)
+        .collect();
+    let more = users.len().saturating_sub(REFUSED_NAMED);
+    let list = if more > 0 {
+        format!("{} and {more} more", named.join(", "))
+    } else {
+        named.join(", ")
+    };
+    if users.len() == 1 {
+        format!("user {list} does not accept group invitations from you")
+    } else {
+        format!("users {list} do not accept group invitations from you")
+    }
+}
 
 // Both backends store ids, seqs and counts as signed 64-bit integers.
 
@@ -73,6 +104,8 @@ pub struct NewAccount {
     pub username_key: String,
     pub display_name: String,
     pub password_hash: String,
+    /// Who may add the new account to groups (`GroupAdds::default()` for a registration).
+    pub group_adds: GroupAdds,
 }
 
 /// A new session (device) created by a login.
@@ -98,8 +131,9 @@ pub trait Store: Send + Sync + 'static {
     /// The account with this id (with its hash, for password checks).
     async fn account_by_id(&self, user: UserId) -> StoreResult<Option<Account>>;
 
-    /// Sets the display name; `NotFound("user")` for a missing account.
-    async fn update_display_name(&self, user: UserId, display_name: &str) -> StoreResult<User>;
+    /// Applies every field the change sets, all or nothing, and returns the profile after it;
+    /// `NotFound("user")` for a missing account.
+    async fn update_profile(&self, user: UserId, change: ProfileChange) -> StoreResult<Profile>;
 
     /// Replaces the password hash and deletes every session of the user except `keep`, and
     /// every login cookie of the user. Returns the devices whose sessions were deleted.
@@ -155,8 +189,8 @@ pub trait Store: Send + Sync + 'static {
     // ----- messages -----
 
     /// Stores a message and appends an inbox entry for every recipient and for the sender.
-    /// Errors: `NotFound("user")`/`NotFound("group")` for a missing recipient,
-    /// `PermissionDenied` when the sender is not a member of the group.
+    /// Errors: `NotFound("user")` for a missing recipient, `NotFound("group")` for a missing
+    /// group or one the sender is not a member of.
     async fn append_message(&self, message: NewMessage) -> StoreResult<Appended>;
 
     /// Inbox entries of `user` with seq > `after`, ascending: at most `limit`, and no more
@@ -174,8 +208,8 @@ pub trait Store: Send + Sync + 'static {
     async fn inbox_head(&self, user: UserId) -> StoreResult<Seq>;
 
     /// Messages of a conversation as `reader` sees it, newest first, with id < `before`
-    /// (all when `None`), at most `limit`. Group history requires membership
-    /// (`PermissionDenied`); a direct conversation with a missing user is simply empty.
+    /// (all when `None`), at most `limit`. Group history requires membership (otherwise
+    /// `NotFound("group")`); a direct conversation with a missing user is simply empty.
     async fn history(
         &self,
         reader: UserId,
@@ -184,19 +218,22 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>>;
 
-    /// The reader's conversations with their newest message, most recently active first:
-    /// every direct peer and every group the reader is still a member of, that has a message
-    /// in the reader's inbox. At most `limit`.
-    async fn conversations(
+    /// A page of the reader's conversations, each with its newest message as of the snapshot
+    /// (newest first, at most `query.limit`): every direct peer, and every group the reader is
+    /// still a member of that got a message since they joined. Answers from indexes, never a
+    /// scan of the inbox. Without a snapshot in the query, the snapshot is taken now and
+    /// covers every message to the reader committed before it (and none after).
+    async fn conversation_page(
         &self,
         reader: UserId,
-        limit: usize,
-    ) -> StoreResult<Vec<(Conversation, StoredMessage)>>;
+        query: ConversationQuery,
+    ) -> StoreResult<ConversationPage>;
 
     // ----- groups -----
 
-    /// Creates a group with `creator` as its admin and `members` (missing users are
-    /// `NotFound("user")`; duplicates and the creator are ignored). At most `max_members` in all.
+    /// Creates a group with `creator` as its admin and `members` (duplicates and the creator
+    /// are ignored). At most `max_members` in all. Members that are missing or do not accept
+    /// the creator (their `GroupAdds`) are `GroupAddRefused`, and nothing is created.
     async fn create_group(
         &self,
         creator: UserId,
@@ -206,7 +243,9 @@ pub trait Store: Send + Sync + 'static {
         created_at: UnixMillis,
     ) -> StoreResult<Group>;
 
-    /// Adds members; only an admin may (`PermissionDenied`). Existing members are ignored.
+    /// Adds members; only an admin may (`PermissionDenied`). Existing members are ignored; new
+    /// ones that are missing or do not accept the actor make it `GroupAddRefused`, and nobody
+    /// is added.
     async fn add_members(
         &self,
         actor: UserId,
@@ -224,11 +263,11 @@ pub trait Store: Send + Sync + 'static {
         user: UserId,
     ) -> StoreResult<Group>;
 
-    /// The user leaves. If they were the last admin, the longest-standing member becomes admin;
-    /// the group is deleted when nobody is left.
+    /// The user leaves (`NotFound("group")` when not a member). If they were the last admin,
+    /// the longest-standing member becomes admin; the group is deleted when nobody is left.
     async fn leave_group(&self, user: UserId, group: GroupId) -> StoreResult<()>;
 
-    /// The group with its members; `PermissionDenied` for non-members, `NotFound` if missing.
+    /// The group with its members; `NotFound("group")` if missing or the reader is not a member.
     async fn group(&self, reader: UserId, group: GroupId) -> StoreResult<Group>;
 
     /// The groups the user belongs to (members left empty), ordered by id.
@@ -269,6 +308,7 @@ impl From<StoreError> for messenger_protocol::WireError {
             StoreError::NotFound(_) => ErrorCode::NotFound,
             StoreError::PermissionDenied(_) => ErrorCode::PermissionDenied,
             StoreError::LimitExceeded(_) => ErrorCode::InvalidArgument,
+            StoreError::GroupAddRefused(_) => ErrorCode::PermissionDenied,
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             StoreError::Backend(detail) => {
                 tracing::error!(%detail, "store failure");

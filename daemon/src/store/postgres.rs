@@ -7,7 +7,8 @@
 //! Seq order is therefore commit order, on any number of nodes.
 //!
 //! Lock order, kept by every transaction that takes more than one: group rows, then user rows
-//! (ascending id), then sessions. Nothing read from the database may panic here: rows are read
+//! (ascending id), then sessions; `direct_threads` rows are only written by appends, after the
+//! user rows they belong to are locked. Nothing read from the database may panic here: rows are read
 //! with `try_get` and every failure becomes a `StoreError`.
 
 use std::collections::{HashMap, HashSet};
@@ -23,12 +24,15 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, NoTls, Row, Statement};
 
+use super::conversations::{self, Candidate};
 use super::{
     NewAccount, NewSession, Store, StoreError, StoreResult, bound_param, id_param, limit_param,
 };
 use crate::model::{
-    Account, Appended, Conversation, DeviceId, Group, GroupId, GroupMember, InboxEntry, MessageId,
-    NewMessage, Recipient, Seq, Session, StoredMessage, UnixMillis, User, UserId, now_millis,
+    Account, Appended, Conversation, ConversationPage, ConversationQuery, ConversationSummary,
+    ConversationWith, DeviceId, Group, GroupAdds, GroupId, GroupMember, InboxEntry, MessageId,
+    NewMessage, Profile, ProfileChange, Recipient, Seq, Session, StoredMessage, UnixMillis, User,
+    UserId, now_millis,
 };
 
 mod outage;
@@ -480,6 +484,12 @@ fn user_from_row(row: &Row, at: usize) -> StoreResult<User> {
     })
 }
 
+fn group_adds_at(row: &Row, idx: usize) -> StoreResult<GroupAdds> {
+    let stored: String = get(row, idx)?;
+    GroupAdds::parse(&stored)
+        .ok_or_else(|| StoreError::Backend(format!("unknown group_adds {stored:?}")))
+}
+
 /// The columns `message_from_row` reads, in its order, from `messages` aliased `m`.
 macro_rules! message_columns {
     () => {
@@ -572,8 +582,12 @@ async fn existing_message<C: GenericClient + Sync>(
     .transpose()
 }
 
-/// Locks the group row: `FOR UPDATE` for changes to the group, `FOR SHARE` for appends, so a
-/// membership change and a send to the group are serialized. False when it does not exist.
+/// Locks the group row: `FOR UPDATE` for changes to the group, `FOR NO KEY UPDATE` for
+/// appends, so a membership change and a send to the group are serialized. An append writes
+/// the group's `last_message_id`, so it must hold the stronger lock from the start: two sends
+/// each holding a share lock and then asking to write the row would deadlock. (Sends to one
+/// group were already serialized by the member rows they all lock.) False when it does not
+/// exist.
 async fn lock_group<C: GenericClient + Sync>(
     db: &mut Db<'_, C>,
     group: GroupId,
@@ -582,7 +596,7 @@ async fn lock_group<C: GenericClient + Sync>(
     let sql = if exclusive {
         "SELECT 1 FROM groups WHERE id = $1 FOR UPDATE"
     } else {
-        "SELECT 1 FROM groups WHERE id = $1 FOR SHARE"
+        "SELECT 1 FROM groups WHERE id = $1 FOR NO KEY UPDATE"
     };
     Ok(db.query_opt(sql, &[&id_param(group.0)]).await?.is_some())
 }
@@ -615,12 +629,60 @@ async fn require_member<C: GenericClient + Sync>(
             .await?
             .is_some(),
     };
+    // A group the user is not in is answered like one that does not exist, so a group id
+    // cannot be probed.
     if !exists {
         return Err(StoreError::NotFound("group"));
     }
     membership(db, group, user)
         .await?
-        .ok_or(StoreError::PermissionDenied("not a member of this group"))
+        .ok_or(StoreError::NotFound("group"))
+}
+
+/// Those of `users` (in their order) that may not be added to a group by `actor`: missing
+/// accounts, and accounts whose `group_adds` does not let `actor` in. Index seeks only: the
+/// user's row, one `direct_threads` key, and the user's memberships probed against the
+/// actor's (primary key), whatever size the groups are.
+async fn refused_adds<C: GenericClient + Sync>(
+    db: &mut Db<'_, C>,
+    actor: UserId,
+    users: &[UserId],
+) -> StoreResult<Vec<UserId>> {
+    if users.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = users.iter().map(|u| id_param(u.0)).collect();
+    db.query(
+        "SELECT c.id FROM unnest($2::bigint[]) WITH ORDINALITY AS c(id, n) \
+         WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = c.id AND (u.group_adds = 'anyone' \
+           OR (u.group_adds = 'contacts' AND ( \
+             EXISTS (SELECT 1 FROM direct_threads d \
+                     WHERE d.user_id = u.id AND d.peer_id = $1 AND d.wrote) \
+             OR EXISTS (SELECT 1 FROM group_members mine \
+                        JOIN group_members theirs ON theirs.group_id = mine.group_id \
+                        WHERE mine.user_id = u.id AND theirs.user_id = $1))))) \
+         ORDER BY c.n",
+        &[&id_param(actor.0), &ids],
+    )
+    .await?
+    .iter()
+    .map(|row| get_u64(row, 0).map(UserId))
+    .collect()
+}
+
+/// Refuses the request if any of `users` is missing or does not accept `actor`: one answer
+/// for both. The caller locked their rows first, so none is deleted before the commit.
+async fn require_accepted<C: GenericClient + Sync>(
+    db: &mut Db<'_, C>,
+    actor: UserId,
+    users: &[UserId],
+) -> StoreResult<()> {
+    let refused = refused_adds(db, actor, users).await?;
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::GroupAddRefused(refused))
+    }
 }
 
 /// Locks the group for a change and checks that `user` is one of its admins.
@@ -702,10 +764,12 @@ async fn insert_members<C: GenericClient + Sync>(
         return Ok(());
     }
     let ids: Vec<i64> = users.iter().map(|u| id_param(u.0)).collect();
-    // WITH ORDINALITY keeps the given order, which is the members' seniority.
+    // WITH ORDINALITY keeps the given order, which is the members' seniority. Only messages
+    // after the group's current last one count as theirs in the conversation list.
     db.execute(
-        "INSERT INTO group_members (group_id, user_id, admin, joined_at) \
-         SELECT $1, u.id, $3, $4 FROM unnest($2::bigint[]) WITH ORDINALITY AS u(id, n) \
+        "INSERT INTO group_members (group_id, user_id, admin, joined_at, joined_after) \
+         SELECT $1, u.id, $3, $4, g.last_message_id \
+         FROM unnest($2::bigint[]) WITH ORDINALITY AS u(id, n), groups g WHERE g.id = $1 \
          ORDER BY u.n",
         &[&id_param(group.0), &ids, &admin, &joined_at],
     )
@@ -763,13 +827,14 @@ impl Store for PostgresStore {
         let inserted = db
             .try_query_opt(
                 "INSERT INTO users (username, username_key, display_name, password_hash, \
-                 created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                 created_at, group_adds) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
                 &[
                     &account.username,
                     &account.username_key,
                     &account.display_name,
                     &account.password_hash,
                     &now_millis(),
+                    &account.group_adds.as_str(),
                 ],
             )
             .await?;
@@ -797,16 +862,27 @@ impl Store for PostgresStore {
         account_by(&mut db, ACCOUNT_BY_ID, &id_param(user.0)).await
     }
 
-    async fn update_display_name(&self, user: UserId, display_name: &str) -> StoreResult<User> {
+    async fn update_profile(&self, user: UserId, change: ProfileChange) -> StoreResult<Profile> {
         let mut conn = self.conn().await?;
         let mut db = db!(conn);
+        // One statement: it applies whole or not at all.
         db.query_opt(
-            "UPDATE users SET display_name = $2 WHERE id = $1 \
-             RETURNING id, username, display_name",
-            &[&id_param(user.0), &display_name],
+            "UPDATE users SET display_name = coalesce($2, display_name), \
+             group_adds = coalesce($3, group_adds) WHERE id = $1 \
+             RETURNING id, username, display_name, group_adds",
+            &[
+                &id_param(user.0),
+                &change.display_name,
+                &change.group_adds.map(GroupAdds::as_str),
+            ],
         )
         .await?
-        .map(|row| user_from_row(&row, 0))
+        .map(|row| {
+            Ok::<_, StoreError>(Profile {
+                user: user_from_row(&row, 0)?,
+                group_adds: group_adds_at(&row, 3)?,
+            })
+        })
         .transpose()?
         .ok_or(StoreError::NotFound("user"))
     }
@@ -884,6 +960,10 @@ impl Store for PostgresStore {
             .await?;
         db.execute("DELETE FROM inbox WHERE user_id = $1", &[&id])
             .await?;
+        // The peers' side of these conversations stays: they keep their chat with a deleted
+        // user.
+        db.execute("DELETE FROM direct_threads WHERE user_id = $1", &[&id])
+            .await?;
         for group in groups {
             remove_membership(&mut db, group, user).await?;
         }
@@ -921,7 +1001,8 @@ impl Store for PostgresStore {
                  created_at) SELECT u.id, $2, $3, $4, u.acked_seq, $5 FROM users u \
                  WHERE u.id = $1 RETURNING id, acked_seq, \
                  (SELECT username FROM users WHERE id = $1), \
-                 (SELECT display_name FROM users WHERE id = $1)",
+                 (SELECT display_name FROM users WHERE id = $1), \
+                 (SELECT group_adds FROM users WHERE id = $1)",
                 &[
                     &id_param(session.user.0),
                     &session.device_name,
@@ -942,6 +1023,7 @@ impl Store for PostgresStore {
                 device_name: session.device_name,
                 expires_at: session.expires_at,
                 acked: Seq(get_u64(&row, 1)?),
+                group_adds: group_adds_at(&row, 4)?,
             }),
             Ok(None) => Err(StoreError::NotFound("user")),
             Err(e) if is_unique_violation(&e) => Err(StoreError::AlreadyExists("session")),
@@ -956,7 +1038,7 @@ impl Store for PostgresStore {
         let mut db = db!(conn);
         db.query_opt(
             "SELECT u.id, u.username, u.display_name, s.id, s.device_name, s.expires_at, \
-             s.acked_seq FROM sessions s JOIN users u ON u.id = s.user_id \
+             s.acked_seq, u.group_adds FROM sessions s JOIN users u ON u.id = s.user_id \
              WHERE s.token_hash = $1",
             &[&&token_hash[..]],
         )
@@ -968,6 +1050,7 @@ impl Store for PostgresStore {
                 device_name: get(&row, 4)?,
                 expires_at: get(&row, 5)?,
                 acked: Seq(get_u64(&row, 6)?),
+                group_adds: group_adds_at(&row, 7)?,
             })
         })
         .transpose()
@@ -1112,7 +1195,7 @@ impl Store for PostgresStore {
                     .map(|row| get_u64(row, 0).map(UserId))
                     .collect::<StoreResult<Vec<_>>>()?;
                 if members.binary_search(&message.sender).is_err() {
-                    return Err(StoreError::PermissionDenied("not a member of this group"));
+                    return Err(StoreError::NotFound("group"));
                 }
                 (members, None, Some(id_param(group.0)))
             }
@@ -1155,6 +1238,18 @@ impl Store for PostgresStore {
         // message insert, and then (joined to its empty result) updates and inserts nothing.
         let seqs: Vec<i64> = next.iter().map(|(_, s)| bound_param(s.0)).collect();
         let users: Vec<i64> = next.iter().map(|(u, _)| id_param(u.0)).collect();
+        // The conversation moves up the list of each side (see the V3 migration): one row per
+        // side of a direct chat (one for a note to oneself), the group's own row for a group.
+        let (thread_users, thread_peers, thread_wrote) = match message.to {
+            Recipient::User(peer) if peer == message.sender => {
+                (vec![id_param(peer.0)], vec![id_param(peer.0)], vec![true])
+            }
+            Recipient::User(peer) => {
+                let (me, them) = (id_param(message.sender.0), id_param(peer.0));
+                (vec![me, them], vec![them, me], vec![true, false])
+            }
+            Recipient::Group(_) => (Vec::new(), Vec::new(), Vec::new()),
+        };
         let inserted = db
             .query_opt(
                 "WITH m AS ( \
@@ -1169,6 +1264,17 @@ impl Store for PostgresStore {
                  ), entries AS ( \
                    INSERT INTO inbox (user_id, seq, message_id) \
                    SELECT v.id, v.seq, m.id FROM unnest($10::bigint[], $11::bigint[]) AS v(id, seq), m \
+                 ), threads AS ( \
+                   INSERT INTO direct_threads (user_id, peer_id, last_message_id, wrote) \
+                   SELECT t.u, t.p, m.id, t.w \
+                   FROM unnest($12::bigint[], $13::bigint[], $14::bool[]) AS t(u, p, w), m \
+                   ON CONFLICT (user_id, peer_id) DO UPDATE SET \
+                     last_message_id = GREATEST(direct_threads.last_message_id, \
+                                                EXCLUDED.last_message_id), \
+                     wrote = direct_threads.wrote OR EXCLUDED.wrote \
+                 ), activity AS ( \
+                   UPDATE groups SET last_message_id = GREATEST(groups.last_message_id, m.id) \
+                   FROM m WHERE groups.id = $5 \
                  ) \
                  SELECT id FROM m",
                 &[
@@ -1183,6 +1289,9 @@ impl Store for PostgresStore {
                     &message.server_time,
                     &users,
                     &seqs,
+                    &thread_users,
+                    &thread_peers,
+                    &thread_wrote,
                 ],
             )
             .await?;
@@ -1315,49 +1424,191 @@ impl Store for PostgresStore {
         rows.iter().map(|row| message_from_row(row, 0)).collect()
     }
 
-    async fn conversations(
+    async fn conversation_page(
         &self,
         reader: UserId,
-        limit: usize,
-    ) -> StoreResult<Vec<(Conversation, StoredMessage)>> {
+        query: ConversationQuery,
+    ) -> StoreResult<ConversationPage> {
         let mut conn = self.conn().await?;
-        let mut db = db!(conn);
-        // The inbox holds every message the reader sent or received; the newest per
-        // conversation is its last activity. LEAST/GREATEST skip NULLs in PostgreSQL, so the
-        // pair key is only formed for direct messages. Groups the reader left are skipped.
-        let rows = db
+        let snapshot = match query.snapshot {
+            Some(snapshot) => snapshot,
+            None => {
+                // Message ids are handed out before commit, so "the newest id" alone could
+                // leave a smaller one still uncommitted. But every message that reaches the
+                // reader locks the reader's row before it takes its id: once this share lock
+                // is granted, those holding an id are committed, and later ones take theirs
+                // after the read below, so above it.
+                begin!(conn, tx, db);
+                db.query_opt(
+                    "SELECT 1 FROM users WHERE id = $1 FOR SHARE",
+                    &[&id_param(reader.0)],
+                )
+                .await?;
+                let row = db
+                    .query_one("SELECT coalesce(max(id), 0) FROM messages", &[])
+                    .await?;
+                let newest = get_u64(&row, 0)?;
+                tx.commit().await.map_err(pg_error)?;
+                MessageId(newest)
+            }
+        };
+        let bound = conversations::upper_bound(snapshot, &query);
+        let me = id_param(reader.0);
+        let at_snapshot = bound_param(snapshot.0);
+        // One snapshot for every statement of the page.
+        begin_snapshot!(conn, tx, db);
+        let mut candidates = Vec::new();
+
+        // Direct chats quiet since the snapshot: their key is their last message.
+        for row in db
+            .query(
+                "SELECT peer_id, last_message_id FROM direct_threads \
+                 WHERE user_id = $1 AND last_message_id < $2 \
+                 ORDER BY last_message_id DESC LIMIT $3",
+                &[&me, &bound_param(bound), &limit_param(query.limit)],
+            )
+            .await?
+        {
+            candidates.push((
+                MessageId(get_u64(&row, 1)?),
+                Candidate::Direct(UserId(get_u64(&row, 0)?)),
+            ));
+        }
+
+        // Direct chats active since: their key is their newest message up to the snapshot.
+        let moved = db
+            .query(
+                "SELECT peer_id FROM direct_threads WHERE user_id = $1 AND last_message_id > $2",
+                &[&me, &at_snapshot],
+            )
+            .await?
+            .iter()
+            .map(|row| get_u64(row, 0).map(UserId))
+            .collect::<StoreResult<Vec<_>>>()?;
+        for peer in moved {
+            let (lo, hi) = if reader <= peer {
+                (reader, peer)
+            } else {
+                (peer, reader)
+            };
+            let key = db
+                .query_opt(
+                    "SELECT m.id FROM messages m WHERE m.to_user_id IS NOT NULL \
+                     AND LEAST(m.sender_id, m.to_user_id) = $1 \
+                     AND GREATEST(m.sender_id, m.to_user_id) = $2 \
+                     AND m.id <= $3 ORDER BY m.id DESC LIMIT 1",
+                    &[&id_param(lo.0), &id_param(hi.0), &at_snapshot],
+                )
+                .await?;
+            if let Some(row) = key {
+                candidates.push((MessageId(get_u64(&row, 0)?), Candidate::Direct(peer)));
+            }
+        }
+
+        // Groups: the reader's memberships (one index range), each keyed by the group's last
+        // message, or for a group active since the snapshot, its newest message up to it.
+        let groups = db
+            .query(
+                "SELECT g.id, g.name, g.created_at, g.last_message_id, gm.joined_after \
+                 FROM group_members gm JOIN groups g ON g.id = gm.group_id \
+                 WHERE gm.user_id = $1 AND g.last_message_id > gm.joined_after",
+                &[&me],
+            )
+            .await?;
+        for row in &groups {
+            let id = GroupId(get_u64(row, 0)?);
+            let last = get_u64(row, 3)?;
+            let key = if last <= snapshot.0 {
+                Some(last)
+            } else {
+                let joined_after: i64 = get(row, 4)?;
+                match db
+                    .query_opt(
+                        "SELECT m.id FROM messages m WHERE m.to_group_id = $1 \
+                         AND m.id > $2 AND m.id <= $3 ORDER BY m.id DESC LIMIT 1",
+                        &[&id_param(id.0), &joined_after, &at_snapshot],
+                    )
+                    .await?
+                {
+                    Some(newest) => Some(get_u64(&newest, 0)?),
+                    None => None,
+                }
+            };
+            if let Some(key) = key {
+                candidates.push((
+                    MessageId(key),
+                    Candidate::Group {
+                        id,
+                        name: get(row, 1)?,
+                        created_at: get(row, 2)?,
+                    },
+                ));
+            }
+        }
+
+        let page = conversations::page(candidates, bound, query.limit);
+        let ids: Vec<i64> = page.iter().map(|(key, _)| id_param(key.0)).collect();
+        let mut messages: HashMap<MessageId, StoredMessage> = HashMap::with_capacity(ids.len());
+        for row in db
             .query(
                 concat!(
                     "SELECT ",
                     message_columns!(),
-                    " FROM messages m JOIN ( \
-                       SELECT max(m2.id) AS id FROM inbox i \
-                       JOIN messages m2 ON m2.id = i.message_id WHERE i.user_id = $1 \
-                       GROUP BY m2.to_group_id, \
-                         CASE WHEN m2.to_user_id IS NOT NULL \
-                           THEN LEAST(m2.sender_id, m2.to_user_id) END, \
-                         CASE WHEN m2.to_user_id IS NOT NULL \
-                           THEN GREATEST(m2.sender_id, m2.to_user_id) END \
-                     ) last ON last.id = m.id \
-                     WHERE m.to_group_id IS NULL OR EXISTS ( \
-                       SELECT 1 FROM group_members gm \
-                       WHERE gm.group_id = m.to_group_id AND gm.user_id = $1) \
-                     ORDER BY m.id DESC LIMIT $2"
+                    " FROM messages m WHERE m.id = ANY($1)"
                 ),
-                &[&id_param(reader.0), &limit_param(limit)],
+                &[&ids],
             )
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let m = message_from_row(row, 0)?;
-                let conversation = match m.to {
-                    Recipient::Group(g) => Conversation::Group(g),
-                    Recipient::User(to) if m.sender.id == reader => Conversation::Direct(to),
-                    Recipient::User(_) => Conversation::Direct(m.sender.id),
-                };
-                Ok((conversation, m))
+            .await?
+        {
+            let m = message_from_row(&row, 0)?;
+            messages.insert(m.id, m);
+        }
+        let peers: Vec<i64> = page
+            .iter()
+            .filter_map(|(_, c)| match c {
+                Candidate::Direct(peer) => Some(id_param(peer.0)),
+                Candidate::Group { .. } => None,
             })
-            .collect()
+            .collect();
+        let mut accounts: HashMap<UserId, User> = HashMap::with_capacity(peers.len());
+        for row in db
+            .query(
+                "SELECT id, username, display_name FROM users WHERE id = ANY($1)",
+                &[&peers],
+            )
+            .await?
+        {
+            let user = user_from_row(&row, 0)?;
+            accounts.insert(user.id, user);
+        }
+        tx.commit().await.map_err(pg_error)?;
+
+        let mut out = Vec::with_capacity(page.len());
+        for (key, candidate) in page {
+            let last = messages.remove(&key).ok_or_else(|| {
+                StoreError::Backend(format!("conversation key {key} names no message"))
+            })?;
+            let with = match candidate {
+                Candidate::Direct(peer) => {
+                    ConversationWith::Direct(peer, accounts.get(&peer).cloned())
+                }
+                Candidate::Group {
+                    id,
+                    name,
+                    created_at,
+                } => ConversationWith::Group(Group {
+                    id,
+                    name,
+                    created_at,
+                    members: Vec::new(),
+                }),
+            };
+            out.push(ConversationSummary { with, last });
+        }
+        Ok(ConversationPage {
+            snapshot,
+            conversations: out,
+        })
     }
 
     async fn create_group(
@@ -1374,9 +1625,14 @@ impl Store for PostgresStore {
         }
         let mut conn = self.conn().await?;
         begin!(conn, tx, db);
+        // One statement locks everyone, in id order (the module's lock order).
         let mut everyone = others.clone();
         everyone.push(creator);
-        if lock_users_key_share(&mut db, &everyone).await? != everyone.len() {
+        let locked = lock_users_key_share(&mut db, &everyone).await?;
+        // Before the first write, in the same transaction as the inserts.
+        require_accepted(&mut db, creator, &others).await?;
+        // Every other member exists (accepted), so a short count is the creator.
+        if locked != everyone.len() {
             return Err(StoreError::NotFound("user"));
         }
         let row = db
@@ -1413,9 +1669,8 @@ impl Store for PostgresStore {
             .map(|row| get_u64(row, 0).map(UserId))
             .collect::<StoreResult<_>>()?;
         let new = distinct_without(users, &current);
-        if lock_users_key_share(&mut db, &new).await? != new.len() {
-            return Err(StoreError::NotFound("user"));
-        }
+        lock_users_key_share(&mut db, &new).await?;
+        require_accepted(&mut db, actor, &new).await?;
         if current.len().saturating_add(new.len()) > max_members {
             return Err(StoreError::LimitExceeded("group size"));
         }
@@ -1448,9 +1703,7 @@ impl Store for PostgresStore {
     async fn leave_group(&self, user: UserId, group: GroupId) -> StoreResult<()> {
         let mut conn = self.conn().await?;
         begin!(conn, tx, db);
-        if !lock_group(&mut db, group, true).await? {
-            return Err(StoreError::NotFound("group"));
-        }
+        require_member(&mut db, group, user, Some(true)).await?;
         remove_membership(&mut db, group, user).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(())

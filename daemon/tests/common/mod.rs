@@ -87,6 +87,17 @@ impl TestServer {
         (c, user)
     }
 
+    /// Like `user`, for tests about groups rather than consent: the account accepts group
+    /// additions from anyone (the default is contacts only).
+    pub async fn open_user(&self, name: &str) -> (Client, pb::User) {
+        let (c, user) = self.user(name).await;
+        c.conn()
+            .set_group_add_policy(pb::GroupAddPolicy::Anyone)
+            .await
+            .expect("accept group additions from anyone");
+        (c, user)
+    }
+
     /// Another logged-in device of an existing user.
     pub async fn device(&self, name: &str, device: &str) -> Client {
         let mut c = self.client().await;

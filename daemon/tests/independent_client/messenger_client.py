@@ -168,7 +168,10 @@ SCHEMA = {
     "HistoryPage": {1: ("messages", "Message*"), 2: ("has_more", "bool")},
     "Pong": {},
     "GoAway": {1: ("reason", "string"), 2: ("reconnect_after_ms", "uint"), 3: ("code", "uint")},
-    "ConversationList": {1: ("conversations", "ConversationSummary*")},
+    "ConversationList": {
+        1: ("conversations", "ConversationSummary*"),
+        2: ("next_cursor", "bytes"),
+    },
     "ConversationSummary": {
         1: ("user", "User"),  # oneof `with`
         2: ("group", "Group"),  # oneof `with`
@@ -393,8 +396,12 @@ class Connection:
             f_uint(1, user_id, force=True) + f_uint(3, before_message_id) + f_uint(4, limit),
         )
 
-    def list_conversations(self, limit=0):
-        return self.request(LIST_CONVERSATIONS, f_uint(1, limit))
+    def list_conversations(self, limit=0, cursor=b""):
+        return self.request(LIST_CONVERSATIONS, f_uint(1, limit) + f_bytes(2, cursor))
+
+    def update_profile(self, display_name="", group_adds=0):
+        """group_adds: GroupAddPolicy (1 anyone, 2 contacts, 3 nobody; 0 unchanged)."""
+        return self.request(UPDATE_PROFILE, f_bytes(1, display_name) + f_uint(2, group_adds))
 
     def change_password(self, current, new):
         return self.request(CHANGE_PASSWORD, f_bytes(1, current) + f_bytes(2, new))
@@ -646,6 +653,11 @@ def scenario(connect):
     expect_quiet(b, "bob after the 2 replayed deliveries")
     b.ack(bob_seq)
 
+    step("group: bob has not written to alice, so he must accept anyone to be added by her")
+    refused = a.create_group(f"Refused {suffix}", [bob.user_id])
+    expect_error(refused, "PERMISSION_DENIED", "CreateGroup with bob before he accepts")
+    expect(b.update_profile(group_adds=1), "ok", "bob's UpdateProfile group_adds ANYONE")
+
     step("group: create with bob, message delivered to bob")
     group_name = f"Tea party {suffix}"
     group = expect(a.create_group(group_name, [bob.user_id, bob.user_id]), "group", "CreateGroup")
@@ -668,11 +680,11 @@ def scenario(connect):
     bob_seq += 1
     b.ack(bob_seq)
 
-    step("carol, not a member, sends to the group -> PERMISSION_DENIED")
+    step("carol, not a member, sends to the group -> NOT_FOUND, as for a missing group")
     c, _ = connect()
     expect(c.login(carol.username, password, "py"), "authenticated", "Login carol")
     denied = c.send_to_group(group.group_id, new_cmid(), b"let me in")
-    expect_error(denied, "PERMISSION_DENIED", "carol's Send to the group")
+    expect_error(denied, "NOT_FOUND", "carol's Send to the group")
     expect_quiet(b, "bob after carol's refused send")
 
     step("ChangePassword with a wrong current password -> PERMISSION_DENIED")
@@ -705,7 +717,8 @@ def scenario(connect):
     check(not whole.has_more, "bob's GetHistory: has_more with everything returned")
 
     step("ListConversations for bob: the group, then alice (newest activity first)")
-    convs = expect(b.list_conversations(50), "conversation_list", "ListConversations").conversations
+    convs_page = expect(b.list_conversations(50), "conversation_list", "ListConversations")
+    convs = convs_page.conversations
     check(len(convs) == 2, f"ListConversations: {len(convs)} conversations: {convs}")
     for conv in convs:
         check((conv.user is None) != (conv.group is None), f"ListConversations: {conv}")
@@ -718,11 +731,21 @@ def scenario(connect):
     check(same_user(older.user, alice), f"ListConversations: second is not alice: {older}")
     last_direct = more[-1][2].message_id
     check(older.last_message.message_id == last_direct, f"ListConversations: {older}")
+    check(not convs_page.next_cursor, "ListConversations: a next_cursor after the last page")
     one = expect(b.list_conversations(1), "conversation_list", "ListConversations limit 1")
     check(
         [cv.group and cv.group.group_id for cv in one.conversations] == [group.group_id],
         f"ListConversations limit 1: {one.conversations}",
     )
+    check(one.next_cursor, "ListConversations limit 1: no next_cursor")
+    two = expect(
+        b.list_conversations(1, one.next_cursor), "conversation_list", "ListConversations page 2"
+    )
+    check(
+        [same_user(cv.user, alice) for cv in two.conversations] == [True],
+        f"ListConversations page 2: {two.conversations}",
+    )
+    check(not two.next_cursor, "ListConversations page 2: a next_cursor after the last page")
 
     step("oversized frame -> Error TOO_LARGE, request_id 0, close")
     t, hello_ok = connect()

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use messenger_protocol::client::Recipient;
+use messenger_protocol::pb;
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -387,6 +388,16 @@ pub async fn group_plan(
             .iter()
             .filter_map(|i| by_index.get(i).map(|m| m.user_id))
             .collect();
+        // Accounts accept group additions from their contacts only by default; load-test
+        // accounts are strangers to each other, so each member opens up first.
+        for i in &indices[1..] {
+            if let Some(m) = by_index.get(i) {
+                m.client
+                    .conn()
+                    .set_group_add_policy(pb::GroupAddPolicy::Anyone)
+                    .await?;
+            }
+        }
         let group = admin
             .client
             .conn()

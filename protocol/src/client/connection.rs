@@ -727,9 +727,24 @@ impl Connection {
         }
     }
 
+    /// Changes the display name (and nothing else).
     pub async fn update_profile(&self, display_name: &str) -> Result<(), ClientError> {
         self.request_ok(client_frame::Kind::UpdateProfile(pb::UpdateProfile {
             display_name: display_name.into(),
+            group_adds: pb::GroupAddPolicy::Unspecified as i32,
+        }))
+        .await
+    }
+
+    /// Sets who may add this account to groups (and nothing else). The current value comes
+    /// with `Authenticated.settings` at each sign-in.
+    pub async fn set_group_add_policy(
+        &self,
+        policy: pb::GroupAddPolicy,
+    ) -> Result<(), ClientError> {
+        self.request_ok(client_frame::Kind::UpdateProfile(pb::UpdateProfile {
+            display_name: String::new(),
+            group_adds: policy as i32,
         }))
         .await
     }
@@ -899,16 +914,48 @@ impl Connection {
         }
     }
 
-    /// The caller's conversations with their newest message, most recently active first
-    /// (at most `limit`; 0: the server's cap).
-    pub async fn list_conversations(
+    /// One page of the caller's conversations, most recently active first: at most `limit`
+    /// (0: the server's cap), after `cursor` (empty: the first page). Pass the page's
+    /// `next_cursor` back for the next one; it is empty on the last page.
+    pub async fn list_conversations_page(
         &self,
         limit: u32,
-    ) -> Result<Vec<pb::ConversationSummary>, ClientError> {
-        let kind = client_frame::Kind::ListConversations(pb::ListConversations { limit });
+        cursor: &[u8],
+    ) -> Result<pb::ConversationList, ClientError> {
+        let kind = client_frame::Kind::ListConversations(pb::ListConversations {
+            limit,
+            cursor: cursor.to_vec().into(),
+        });
         match self.request(kind).await? {
-            server_frame::Kind::ConversationList(l) => Ok(l.conversations),
+            server_frame::Kind::ConversationList(l) => Ok(l),
             other => Err(unexpected("ConversationList", other)),
+        }
+    }
+
+    /// Every conversation of the caller, most recently active first, fetched page by page
+    /// (`page_size` per request; 0: the server's cap). The pages are one snapshot: a chat
+    /// that gets a message meanwhile keeps its place (the message arrives as a delivery).
+    pub async fn list_conversations(
+        &self,
+        page_size: u32,
+    ) -> Result<Vec<pb::ConversationSummary>, ClientError> {
+        let mut all = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut cursor = bytes::Bytes::new();
+        loop {
+            let page = self.list_conversations_page(page_size, &cursor).await?;
+            // Merged by conversation: harmless with a server that keeps its promise, and a
+            // guard against one that does not.
+            for summary in page.conversations {
+                if seen.insert(conversation_key(&summary)) {
+                    all.push(summary);
+                }
+            }
+            // A cursor that does not move would loop forever.
+            if page.next_cursor.is_empty() || page.next_cursor == cursor {
+                return Ok(all);
+            }
+            cursor = page.next_cursor;
         }
     }
 
@@ -918,6 +965,15 @@ impl Connection {
             server_frame::Kind::Pong(_) => Ok(()),
             other => Err(unexpected("Pong", other)),
         }
+    }
+}
+
+/// Identifies a listed conversation: the peer's user id or the group id, kept apart.
+fn conversation_key(summary: &pb::ConversationSummary) -> (bool, u64) {
+    match &summary.with {
+        Some(pb::conversation_summary::With::Group(g)) => (true, g.group_id),
+        Some(pb::conversation_summary::With::User(u)) => (false, u.user_id),
+        None => (false, 0),
     }
 }
 

@@ -58,6 +58,10 @@ onSubmit("new-direct", async (f, form) => {
   form.reset();
 });
 
+onSubmit("group-adds", async (f) => {
+  await session.setGroupAdds(Number(f.get("groupAdds")));
+});
+
 onSubmit("new-group", async (f, form) => {
   await session.createGroup(f.get("name").trim(), usernames(f.get("members")));
   form.reset();

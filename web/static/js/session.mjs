@@ -30,6 +30,7 @@ const cookieKey = (username) => `messenger.loginCookie.${username.toLowerCase()}
 
 const toBase64 = (bytes) => btoa(String.fromCharCode(...bytes));
 const fromBase64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+const sameBytes = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
 
 function newClientMsgId() {
   return crypto.randomUUID();
@@ -263,6 +264,7 @@ export class Session {
       this.#pending = [];
     }
     state.me = auth.user;
+    state.groupAdds = auth.settings?.groupAdds || 0;
     state.error = "";
     state.resuming = false;
     this.#conn = conn;
@@ -441,9 +443,26 @@ export class Session {
 
   // ---- conversations, history, groups -----------------------------------------------
 
+  /**
+   * Every conversation summary, page by page (PROTOCOL.md §9.2): the pages are one snapshot, so
+   * each conversation comes once; what changes meanwhile arrives as deliveries.
+   */
+  async #allConversations(conn) {
+    const all = [];
+    let cursor = new Uint8Array(0);
+    for (;;) {
+      const page = await conn.request("listConversations", { limit: 0, cursor });
+      all.push(...page.conversations);
+      const next = page.nextCursor || new Uint8Array(0);
+      // An empty cursor ends the listing; one that does not move would loop forever.
+      if (next.length === 0 || sameBytes(next, cursor)) return all;
+      cursor = next;
+    }
+  }
+
   async #loadConversations(conn) {
-    const [list, groups] = await Promise.all([
-      conn.request("listConversations", { limit: 0 }),
+    const [summaries, groups] = await Promise.all([
+      this.#allConversations(conn),
       conn.request("listGroups", {}),
     ]);
     const state = this.#state;
@@ -452,7 +471,7 @@ export class Session {
       groupIds.add(g.groupId);
       state.conversation({ groupId: g.groupId }, g.name); // also groups without messages yet
     }
-    for (const s of list.conversations) {
+    for (const s of summaries) {
       if (s.user) state.conversation({ userId: s.user.userId }, s.user.displayName || s.user.username);
       if (s.group) state.conversation({ groupId: s.group.groupId }, s.group.name);
       if (s.lastMessage) {
@@ -534,6 +553,13 @@ export class Session {
     const g = await this.#request("getGroup", { groupId: c.to.groupId });
     c.title = g.name;
     c.members = g.members;
+    this.#state.changed();
+  }
+
+  /** Who may add me to groups: a GroupAddPolicy number (PROTOCOL.md §8.5). */
+  async setGroupAdds(policy) {
+    await this.#request("updateProfile", { groupAdds: policy });
+    this.#state.groupAdds = policy;
     this.#state.changed();
   }
 

@@ -16,6 +16,7 @@ const messageKey = (senderId, clientMsgId) => `${senderId}/${clientMsgId}`;
 
 export class ChatState extends EventTarget {
   me = null; // pb User
+  groupAdds = 0; // pb GroupAddPolicy of the signed-in account (0: not known yet)
   connection = { state: "offline", detail: "" };
   conversations = new Map(); // key -> Conversation
   activeKey = null;
@@ -24,6 +25,7 @@ export class ChatState extends EventTarget {
 
   reset() {
     this.me = null;
+    this.groupAdds = 0;
     this.conversations.clear();
     this.activeKey = null;
     this.error = "";

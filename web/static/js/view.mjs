@@ -49,6 +49,9 @@ export class View {
     if (!signedIn) return;
     document.body.classList.toggle("in-chat", Boolean(s.activeKey));
     $("back").hidden = !s.activeKey;
+    const groupAdds = $("group-adds").elements.groupAdds;
+    // Not while the user is choosing: a re-render must not undo an unsaved choice.
+    if (s.groupAdds && document.activeElement !== groupAdds) groupAdds.value = String(s.groupAdds);
     this.#renderConversations();
     this.#renderChat();
   }

@@ -771,6 +771,7 @@ export const messenger = $root.messenger = (() => {
             Limits.prototype.maxGroupMembers = 0;
             Limits.prototype.maxHistoryPage = 0;
             Limits.prototype.idleTimeoutMs = 0;
+            Limits.prototype.maxConversationPage = 0;
 
             Limits.create = function(properties) {
                 return new Limits(properties);
@@ -793,6 +794,8 @@ export const messenger = $root.messenger = (() => {
                     writer.uint32(32).uint32(message.maxHistoryPage);
                 if (message.idleTimeoutMs != null && $Object.hasOwnProperty.call(message, "idleTimeoutMs") && message.idleTimeoutMs !== 0)
                     writer.uint32(40).uint32(message.idleTimeoutMs);
+                if (message.maxConversationPage != null && $Object.hasOwnProperty.call(message, "maxConversationPage") && message.maxConversationPage !== 0)
+                    writer.uint32(48).uint32(message.maxConversationPage);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -869,6 +872,15 @@ export const messenger = $root.messenger = (() => {
                                 message.idleTimeoutMs = value;
                             else
                                 delete message.idleTimeoutMs;
+                            continue;
+                        }
+                    case 6: {
+                            if (wireType !== 0)
+                                break;
+                            if (value = reader.uint32())
+                                message.maxConversationPage = value;
+                            else
+                                delete message.maxConversationPage;
                             continue;
                         }
                     }
@@ -1011,6 +1023,7 @@ export const messenger = $root.messenger = (() => {
             };
 
             Registered.prototype.user = null;
+            Registered.prototype.settings = null;
 
             Registered.create = function(properties) {
                 return new Registered(properties);
@@ -1025,6 +1038,8 @@ export const messenger = $root.messenger = (() => {
                     throw $Error("max depth exceeded");
                 if (message.user != null && $Object.hasOwnProperty.call(message, "user"))
                     $root.messenger.v1.User.encode(message.user, writer.uint32(10).fork(), _depth + 1).ldelim();
+                if (message.settings != null && $Object.hasOwnProperty.call(message, "settings"))
+                    $root.messenger.v1.AccountSettings.encode(message.settings, writer.uint32(18).fork(), _depth + 1).ldelim();
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -1062,6 +1077,12 @@ export const messenger = $root.messenger = (() => {
                             if (wireType !== 2)
                                 break;
                             message.user = $root.messenger.v1.User.decode(reader, reader.size(), $undefined, _depth + 1, message.user);
+                            continue;
+                        }
+                    case 2: {
+                            if (wireType !== 2)
+                                break;
+                            message.settings = $root.messenger.v1.AccountSettings.decode(reader, reader.size(), $undefined, _depth + 1, message.settings);
                             continue;
                         }
                     }
@@ -1307,6 +1328,7 @@ export const messenger = $root.messenger = (() => {
             Authenticated.prototype.expiresAtMs = $util.Long ? $util.Long.fromBits(0,0,false) : 0;
             Authenticated.prototype.ackedSeq = $util.Long ? $util.Long.fromBits(0,0,true) : 0;
             Authenticated.prototype.loginCookie = $util.newBuffer([]);
+            Authenticated.prototype.settings = null;
 
             Authenticated.create = function(properties) {
                 return new Authenticated(properties);
@@ -1331,6 +1353,8 @@ export const messenger = $root.messenger = (() => {
                     writer.uint32(40).uint64(message.ackedSeq);
                 if (message.loginCookie != null && $Object.hasOwnProperty.call(message, "loginCookie") && message.loginCookie.length)
                     writer.uint32(50).bytes(message.loginCookie);
+                if (message.settings != null && $Object.hasOwnProperty.call(message, "settings"))
+                    $root.messenger.v1.AccountSettings.encode(message.settings, writer.uint32(58).fork(), _depth + 1).ldelim();
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -1415,6 +1439,12 @@ export const messenger = $root.messenger = (() => {
                                 delete message.loginCookie;
                             continue;
                         }
+                    case 7: {
+                            if (wireType !== 2)
+                                break;
+                            message.settings = $root.messenger.v1.AccountSettings.decode(reader, reader.size(), $undefined, _depth + 1, message.settings);
+                            continue;
+                        }
                     }
                     reader.skipType(wireType, _depth, tag);
                     if (!reader.discardUnknown) {
@@ -1445,6 +1475,7 @@ export const messenger = $root.messenger = (() => {
             };
 
             UpdateProfile.prototype.displayName = "";
+            UpdateProfile.prototype.groupAdds = 0;
 
             UpdateProfile.create = function(properties) {
                 return new UpdateProfile(properties);
@@ -1459,6 +1490,8 @@ export const messenger = $root.messenger = (() => {
                     throw $Error("max depth exceeded");
                 if (message.displayName != null && $Object.hasOwnProperty.call(message, "displayName") && message.displayName !== "")
                     writer.uint32(10).string(message.displayName);
+                if (message.groupAdds != null && $Object.hasOwnProperty.call(message, "groupAdds") && message.groupAdds !== 0)
+                    writer.uint32(16).int32(message.groupAdds);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -1501,6 +1534,15 @@ export const messenger = $root.messenger = (() => {
                                 delete message.displayName;
                             continue;
                         }
+                    case 2: {
+                            if (wireType !== 0)
+                                break;
+                            if (value = reader.int32())
+                                message.groupAdds = value;
+                            else
+                                delete message.groupAdds;
+                            continue;
+                        }
                     }
                     reader.skipType(wireType, _depth, tag);
                     if (!reader.discardUnknown) {
@@ -1519,6 +1561,101 @@ export const messenger = $root.messenger = (() => {
             };
 
             return UpdateProfile;
+        })();
+
+        v1.AccountSettings = (function() {
+
+            const AccountSettings = function (properties) {
+                if (properties)
+                    for (let keys = $Object.keys(properties), i = 0; i < keys.length; ++i)
+                        if (properties[keys[i]] != null && keys[i] !== "__proto__")
+                            this[keys[i]] = properties[keys[i]];
+            };
+
+            AccountSettings.prototype.groupAdds = 0;
+
+            AccountSettings.create = function(properties) {
+                return new AccountSettings(properties);
+            };
+
+            AccountSettings.encode = function (message, writer, _depth) {
+                if (!writer)
+                    writer = $Writer.create();
+                if (_depth === $undefined)
+                    _depth = 0;
+                if (_depth > $util.recursionLimit)
+                    throw $Error("max depth exceeded");
+                if (message.groupAdds != null && $Object.hasOwnProperty.call(message, "groupAdds") && message.groupAdds !== 0)
+                    writer.uint32(8).int32(message.groupAdds);
+                if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
+                    for (let i = 0; i < message.$unknowns.length; ++i)
+                        writer.raw(message.$unknowns[i]);
+                return writer;
+            };
+
+            AccountSettings.decode = function (reader, length, _end, _depth, _target) {
+                if (!(reader instanceof $Reader))
+                    reader = $Reader.create(reader);
+                if (_depth === $undefined)
+                    _depth = 0;
+                if (_depth > $Reader.recursionLimit)
+                    throw $Error("max depth exceeded");
+                let end, message, value;
+                if (length === $undefined)
+                    end = reader.len;
+                else {
+                    end = reader.pos + length;
+                    if (end > reader.len)
+                        throw $RangeError("index out of range");
+                    length = reader.len;
+                    reader.len = end;
+                }
+                message = _target || new $root.messenger.v1.AccountSettings();
+                while (reader.pos < end) {
+                    let start = reader.pos;
+                    let tag = reader.tag();
+                    if (tag === _end) {
+                        _end = $undefined;
+                        break;
+                    }
+                    let wireType = tag & 7;
+                    switch (tag >>>= 3) {
+                    case 1: {
+                            if (wireType !== 0)
+                                break;
+                            if (value = reader.int32())
+                                message.groupAdds = value;
+                            else
+                                delete message.groupAdds;
+                            continue;
+                        }
+                    }
+                    reader.skipType(wireType, _depth, tag);
+                    if (!reader.discardUnknown) {
+                        $util.makeProp(message, "$unknowns", false);
+                        (message.$unknowns || (message.$unknowns = [])).push(reader.raw(start, reader.pos));
+                    }
+                }
+                if (length !== $undefined) {
+                    if (reader.pos !== end)
+                        throw $RangeError("index out of range");
+                    reader.len = length;
+                }
+                if (_end !== $undefined)
+                    throw $Error("missing end group");
+                return message;
+            };
+
+            return AccountSettings;
+        })();
+
+        v1.GroupAddPolicy = (function() {
+            const valuesById = $Object.create(null), values = $Object.create(valuesById);
+            values[valuesById[0] = "GROUP_ADD_POLICY_UNSPECIFIED"] = 0;
+            values[valuesById[1] = "GROUP_ADD_POLICY_ANYONE"] = 1;
+            values[valuesById[2] = "GROUP_ADD_POLICY_CONTACTS"] = 2;
+            values[valuesById[3] = "GROUP_ADD_POLICY_NOBODY"] = 3;
+            return values;
         })();
 
         v1.ChangePassword = (function() {
@@ -3642,6 +3779,7 @@ export const messenger = $root.messenger = (() => {
             };
 
             ListConversations.prototype.limit = 0;
+            ListConversations.prototype.cursor = $util.newBuffer([]);
 
             ListConversations.create = function(properties) {
                 return new ListConversations(properties);
@@ -3656,6 +3794,8 @@ export const messenger = $root.messenger = (() => {
                     throw $Error("max depth exceeded");
                 if (message.limit != null && $Object.hasOwnProperty.call(message, "limit") && message.limit !== 0)
                     writer.uint32(8).uint32(message.limit);
+                if (message.cursor != null && $Object.hasOwnProperty.call(message, "cursor") && message.cursor.length)
+                    writer.uint32(18).bytes(message.cursor);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -3696,6 +3836,15 @@ export const messenger = $root.messenger = (() => {
                                 message.limit = value;
                             else
                                 delete message.limit;
+                            continue;
+                        }
+                    case 2: {
+                            if (wireType !== 2)
+                                break;
+                            if ((value = reader.bytes()).length)
+                                message.cursor = value;
+                            else
+                                delete message.cursor;
                             continue;
                         }
                     }
@@ -3839,6 +3988,7 @@ export const messenger = $root.messenger = (() => {
             };
 
             ConversationList.prototype.conversations = $util.emptyArray;
+            ConversationList.prototype.nextCursor = $util.newBuffer([]);
 
             ConversationList.create = function(properties) {
                 return new ConversationList(properties);
@@ -3854,6 +4004,8 @@ export const messenger = $root.messenger = (() => {
                 if (message.conversations != null && message.conversations.length)
                     for (let i = 0; i < message.conversations.length; ++i)
                         $root.messenger.v1.ConversationSummary.encode(message.conversations[i], writer.uint32(10).fork(), _depth + 1).ldelim();
+                if (message.nextCursor != null && $Object.hasOwnProperty.call(message, "nextCursor") && message.nextCursor.length)
+                    writer.uint32(18).bytes(message.nextCursor);
                 if (message.$unknowns != null && $Object.hasOwnProperty.call(message, "$unknowns"))
                     for (let i = 0; i < message.$unknowns.length; ++i)
                         writer.raw(message.$unknowns[i]);
@@ -3867,7 +4019,7 @@ export const messenger = $root.messenger = (() => {
                     _depth = 0;
                 if (_depth > $Reader.recursionLimit)
                     throw $Error("max depth exceeded");
-                let end, message;
+                let end, message, value;
                 if (length === $undefined)
                     end = reader.len;
                 else {
@@ -3893,6 +4045,15 @@ export const messenger = $root.messenger = (() => {
                             if (!(message.conversations && message.conversations.length))
                                 message.conversations = [];
                             message.conversations.push($root.messenger.v1.ConversationSummary.decode(reader, reader.size(), $undefined, _depth + 1));
+                            continue;
+                        }
+                    case 2: {
+                            if (wireType !== 2)
+                                break;
+                            if ((value = reader.bytes()).length)
+                                message.nextCursor = value;
+                            else
+                                delete message.nextCursor;
                             continue;
                         }
                     }
