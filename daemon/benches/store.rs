@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use messenger_daemon::model::{NewMessage, Recipient, UserId};
+use messenger_daemon::model::{AppendQuotas, NewMessage, Recipient, UserId};
 use messenger_daemon::store::sqlite::{SqliteOptions, SqliteStore};
 use messenger_daemon::store::{NewAccount, Store};
 use tempfile::TempDir;
@@ -137,6 +137,7 @@ where
                             body: Bytes::from_static(body),
                             content_type: "text/plain".into(),
                             server_time: 0,
+                            quotas: AppendQuotas::UNLIMITED,
                         })
                         .await
                         .expect("append");

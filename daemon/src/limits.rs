@@ -1,47 +1,13 @@
-//! Abuse limits: a token bucket per session for messages, fixed one-minute windows for
-//! authentication attempts (per IP and per account), and a per-IP connection count.
-//! All in memory and per node; each refusal carries how long to wait.
+//! Abuse limits: fixed one-minute windows for authentication attempts (per IP and per
+//! account), and a per-IP connection count. All in memory and per node; each refusal carries
+//! how long to wait. Per-account budgets shared across connections and nodes (sends, reads,
+//! group changes) are `budget` and `account_budgets`.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Messages per second with a burst allowance, for one session.
-#[derive(Debug)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(per_second: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self {
-            rate: f64::from(per_second.max(1)),
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        }
-    }
-
-    /// Takes one token, or says how long until one is available.
-    pub fn try_take(&mut self) -> Result<(), Duration> {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
-        }
-    }
-}
 
 const WINDOW: Duration = Duration::from_secs(60);
 const SHARDS: usize = 16;
@@ -187,16 +153,6 @@ impl Drop for IpPermit {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_bucket_allows_the_burst_then_refuses_with_a_wait() {
-        let mut b = TokenBucket::new(1, 3);
-        assert!(b.try_take().is_ok());
-        assert!(b.try_take().is_ok());
-        assert!(b.try_take().is_ok());
-        let wait = b.try_take().expect_err("over the burst");
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
-    }
 
     #[test]
     fn the_window_limits_each_key_separately() {

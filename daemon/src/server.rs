@@ -114,6 +114,9 @@ impl RunningServer {
                 shared.hub.clone(),
             )
             .await?;
+            shared
+                .budgets
+                .share_through(std::sync::Arc::new(cluster.budgets()));
             shared.cluster = Some(cluster);
         }
         let shared = Arc::new(shared);

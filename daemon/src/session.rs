@@ -27,9 +27,9 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
 
+use crate::account_budgets;
 use crate::delivery;
 use crate::hub::ConnHandle;
-use crate::limits::TokenBucket;
 use crate::metrics;
 use crate::model::{DeviceId, User, now_millis};
 use crate::state::Shared;
@@ -57,7 +57,6 @@ pub(crate) struct Session {
     pub peer: SocketAddr,
     pub out: writer::Outbound,
     pub auth: Option<Authed>,
-    pub send_bucket: TokenBucket,
     /// Cancelled when the connection must end (writer failure, pump failure).
     pub closing: CancellationToken,
 }
@@ -173,9 +172,7 @@ pub async fn drive<F>(
         closing,
         input,
     } = transport;
-    let limits = &shared.config.limits;
     let mut session = Session {
-        send_bucket: TokenBucket::new(limits.messages_per_second, limits.message_burst),
         shared: shared.clone(),
         peer,
         out,
@@ -447,6 +444,7 @@ impl Session {
                 "this node is rejoining its cluster; try again",
             ));
         }
+        self.charge_read(&kind).await?;
         match kind {
             Req::Ping(_) => ok(Resp::Pong(pb::Pong {})),
             Req::Hello(_) => Err(WireError::new(
@@ -476,6 +474,37 @@ impl Session {
             Req::GetHistory(r) => self.history(r).await,
             Req::ListConversations(r) => self.list_conversations(r).await,
         }
+    }
+
+    /// Read requests draw on the account's read budget; `LookupUser` on the lookup budget too
+    /// (enumeration, F10). Sends and group changes are charged by their handlers.
+    async fn charge_read(&self, kind: &Req) -> Result<(), WireError> {
+        let lookup = matches!(kind, Req::LookupUser(_));
+        let read = lookup
+            || matches!(
+                kind,
+                Req::GetHistory(_)
+                    | Req::ListConversations(_)
+                    | Req::GetGroup(_)
+                    | Req::ListGroups(_)
+            );
+        if !read {
+            return Ok(());
+        }
+        let user = self.authed()?.user.id;
+        let budgets = &self.shared.budgets;
+        if lookup {
+            budgets
+                .lookups
+                .hit(&user)
+                .await
+                .map_err(|wait| account_budgets::refused(&budgets.lookups, wait))?;
+        }
+        budgets
+            .reads
+            .hit(&user)
+            .await
+            .map_err(|wait| account_budgets::refused(&budgets.reads, wait))
     }
 
     /// The authenticated user, or `Unauthenticated`.

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::account_budgets::AccountBudgets;
 use crate::auth::PasswordHasher;
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -21,6 +22,9 @@ pub struct Shared {
     pub auth_per_ip: WindowLimiter<AddressGroup>,
     /// Failed logins per account (case-folded username).
     pub login_failures: WindowLimiter<String>,
+    /// Per-account budgets (sends, fan-out, reads, lookups, group changes), shared by all of
+    /// an account's connections, and by every node once `share_through` the cluster.
+    pub budgets: AccountBudgets,
 }
 
 impl Shared {
@@ -31,6 +35,7 @@ impl Shared {
             passwords: PasswordHasher::new(&config.passwords)?,
             auth_per_ip: WindowLimiter::new(config.limits.auth_attempts_per_ip),
             login_failures: WindowLimiter::new(config.limits.login_failures_per_account),
+            budgets: AccountBudgets::new(&config.limits),
             store,
             config,
         })

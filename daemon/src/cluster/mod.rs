@@ -35,6 +35,7 @@
 //!   may have been routed around: it closes every client connection with a reason, so each
 //!   reconnects and resumes from its cursor, and rejoins with an empty hub.
 
+pub mod budgets;
 pub mod claim;
 pub mod keyspace;
 pub mod rebalance;
@@ -272,6 +273,11 @@ impl Cluster {
     /// The names of this cluster's Redis keys and channels.
     pub fn keyspace(&self) -> &Keyspace {
         &self.keys
+    }
+
+    /// Per-account budgets shared by every node, on this node's Redis connection.
+    pub fn budgets(&self) -> budgets::RedisBudgets {
+        budgets::RedisBudgets::new(self.redis.clone(), self.keys.clone())
     }
 
     /// Resolves, with the reason, once another process took this node's id over (this node

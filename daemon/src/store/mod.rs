@@ -21,7 +21,7 @@ use async_trait::async_trait;
 
 use crate::model::{
     Account, Appended, Conversation, DeviceId, Group, GroupId, InboxEntry, MessageId, NewMessage,
-    Seq, Session, StoredMessage, UnixMillis, User, UserId,
+    Recipient, Seq, Session, StoredMessage, UnixMillis, User, UserId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,9 @@ pub enum StoreError {
     /// A limit kept by the store (group size).
     #[error("limit exceeded: {0}")]
     LimitExceeded(&'static str),
+    /// A storage quota is used up (`AppendQuotas`); nothing was changed.
+    #[error("{0}")]
+    QuotaExceeded(&'static str),
     /// The backend cannot be reached or is shutting down; nothing was changed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -47,6 +50,13 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The refusal of a direct message to a user whose inbox backlog is at its quota.
+pub const INBOX_FULL: &str = "the recipient's inbox is full: too many messages wait for \
+    them to come online and receive them; try again later";
+/// The refusal of a message to a conversation whose history is at its quota.
+pub const HISTORY_FULL: &str = "this conversation's history is full: it holds the most \
+    messages a conversation may store";
 
 // Both backends store ids, seqs and counts as signed 64-bit integers.
 
@@ -59,6 +69,19 @@ fn id_param(id: u64) -> i64 {
 /// Bounds (seqs, "before" ids) saturate instead: "after 2^63+1" means "after everything".
 fn bound_param(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The `history_sizes` key of the message's conversation (both schemas): (group, 0, 0) for a
+/// group, (0, lower user id, higher user id) for a direct pair. Ids start at 1, so the two
+/// kinds never share a key.
+fn history_key(message: &NewMessage) -> [i64; 3] {
+    match message.to {
+        Recipient::Group(group) => [id_param(group.0), 0, 0],
+        Recipient::User(peer) => {
+            let (a, b) = (id_param(message.sender.0), id_param(peer.0));
+            [0, a.min(b), a.max(b)]
+        }
+    }
 }
 
 fn limit_param(n: usize) -> i64 {
@@ -140,7 +163,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a message and appends an inbox entry for every recipient and for the sender.
     /// Errors: `NotFound("user")`/`NotFound("group")` for a missing recipient,
-    /// `PermissionDenied` when the sender is not a member of the group.
+    /// `PermissionDenied` when the sender is not a member of the group,
+    /// `QuotaExceeded(INBOX_FULL)` for a direct message to another user whose unacknowledged
+    /// backlog reached `message.quotas.inbox_backlog`, `QuotaExceeded(HISTORY_FULL)` when the
+    /// conversation already holds `message.quotas.history` messages. A retry of a stored
+    /// message still gets the first answer (`duplicate`), whatever the quotas say now.
     async fn append_message(&self, message: NewMessage) -> StoreResult<Appended>;
 
     /// Inbox entries of `user` with seq > `after`, ascending, at most `limit`.
@@ -250,6 +277,7 @@ impl From<StoreError> for messenger_protocol::WireError {
             StoreError::NotFound(_) => ErrorCode::NotFound,
             StoreError::PermissionDenied(_) => ErrorCode::PermissionDenied,
             StoreError::LimitExceeded(_) => ErrorCode::InvalidArgument,
+            StoreError::QuotaExceeded(_) => ErrorCode::ResourceExhausted,
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             StoreError::Backend(detail) => {
                 tracing::error!(%detail, "store failure");
