@@ -22,6 +22,10 @@
 //! - **Rebalancing** (`rebalance`): each heartbeat publishes the node's connection count; a
 //!   node holding clearly more than its share hands a few connections back with a jittered
 //!   `GoAway`, so a restarted node gets its clients back.
+//! - **Budgets** (`budgets`): each account's per-account budget buckets live in Redis
+//!   (`...:budget:{budget}:{user}`); nodes lease tokens from them in chunks with one script
+//!   call (`crate::budget`), so an account's limit holds across nodes without a Redis round
+//!   trip per request. Redis unreachable: each node applies the budgets alone.
 //! - **Fencing**: every sign-in takes a new epoch for its device (`...:epoch:{device}`,
 //!   strictly increasing, and never below the current time in microseconds so a Redis that
 //!   lost its data still hands out newer epochs than before). The node tells the user's other
