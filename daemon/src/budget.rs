@@ -34,8 +34,10 @@ const SHARDS: usize = 16;
 /// A shard is swept for idle buckets when it reaches this many, or twice its size after the
 /// last sweep, so sweeping costs O(1) per insert amortized.
 const SWEEP_MIN: usize = 1024;
-/// How long tokens leased from the cluster stay spendable here.
-pub const LEASE_TTL: Duration = Duration::from_secs(1);
+/// How long tokens leased from the cluster stay spendable here. The bound on what a node can
+/// overspend does not depend on it (it is the unspent lease, at most one chunk): it only lets
+/// an idle key's entry go, while a slow but steady sender still spends a whole chunk per call.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
 /// A lease covers this share of a second of the rate.
 const LEASE_SECONDS: f64 = 0.1;
 

@@ -164,7 +164,7 @@ async fn one_account_on_two_nodes_cannot_exceed_its_send_rate() {
 /// account. A group send is charged once per member against the account's fan-out budget.
 #[tokio::test]
 async fn a_group_send_is_charged_by_its_fan_out() {
-    const MEMBERS: usize = 20;
+    const MEMBERS: usize = 40;
     let ts = TestServer::start_with(|c| {
         c.limits.recipients_per_second = 1;
         c.limits.recipient_burst = 10;
@@ -181,7 +181,8 @@ async fn a_group_send_is_charged_by_its_fan_out() {
         .create_group("everyone", &members)
         .await
         .expect("create");
-    // The first send is admitted (the budget is unused) and charged 20 deliveries: 10 in debt.
+    // The first send is admitted (the budget is unused) and charged 40 deliveries: 30 in debt,
+    // which takes 31 s to pay off.
     alice
         .conn()
         .send_text(Recipient::Group(group.group_id), "hello all")
