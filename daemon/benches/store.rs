@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use messenger_daemon::model::{
-    ConversationQuery, GroupAdds, GroupId, NewMessage, Recipient, UserId,
+    AppendQuotas, ConversationQuery, GroupAdds, GroupId, NewMessage, Recipient, UserId,
 };
 use messenger_daemon::store::sqlite::{SqliteOptions, SqliteStore};
 use messenger_daemon::store::{NewAccount, Store};
@@ -145,6 +145,7 @@ where
                             body: Bytes::from_static(body),
                             content_type: "text/plain".into(),
                             server_time: 0,
+                            quotas: AppendQuotas::UNLIMITED,
                         })
                         .await
                         .expect("append");

@@ -93,10 +93,37 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most concurrent client connections from one IP address.
     pub max_connections_per_ip: usize,
-    /// Sustained messages per second one session may send.
+    /// Sustained messages per second one account may send, over all its connections and
+    /// nodes (retries of a stored message count too).
     pub messages_per_second: u32,
-    /// Burst of messages above the sustained rate.
+    /// Messages one account may send at once above the sustained rate.
     pub message_burst: u32,
+    /// Sustained inbox entries per second one account's sends may create: a direct message
+    /// costs 2 (the recipient's and the sender's own), a group message one per member.
+    pub recipients_per_second: u32,
+    /// Inbox entries one account's sends may create at once (a send is admitted while the
+    /// account is not in debt; its fan-out is charged when it is stored).
+    pub recipient_burst: u32,
+    /// Sustained read requests per second per account (GetHistory, ListConversations,
+    /// LookupUser, GetGroup, ListGroups).
+    pub reads_per_second: u32,
+    /// Read requests per account at once above the sustained rate.
+    pub read_burst: u32,
+    /// LookupUser requests per account per minute (a bucket of this many, refilled over a
+    /// minute), on top of the read budget: user ids and names cannot be enumerated fast.
+    pub lookups_per_minute: u32,
+    /// Groups one account may create per hour (a bucket of this many, refilled over an hour).
+    pub groups_created_per_hour: u32,
+    /// Members one account may add to groups per minute, initial members of a new group
+    /// included (one request larger than this is allowed when the allowance is unused; the
+    /// excess is waited off afterwards).
+    pub group_members_added_per_minute: u32,
+    /// A direct message is refused while the recipient has this many inbox entries that no
+    /// device of theirs has received and acknowledged (group messages are not refused).
+    pub max_inbox_backlog: u64,
+    /// A conversation (a direct pair or a group) stores at most this many messages; further
+    /// sends to it are refused.
+    pub max_conversation_messages: u64,
     /// Failed logins per account per minute from devices without a valid login cookie (the
     /// account's shared "untrusted" budget) before such attempts are refused.
     pub login_failures_per_account: u32,
@@ -129,6 +156,15 @@ impl Default for Limits {
             max_connections_per_ip: 256,
             messages_per_second: 50,
             message_burst: 200,
+            recipients_per_second: 5_000,
+            recipient_burst: 20_000,
+            reads_per_second: 50,
+            read_burst: 500,
+            lookups_per_minute: 60,
+            groups_created_per_hour: 30,
+            group_members_added_per_minute: 1_000,
+            max_inbox_backlog: 500_000,
+            max_conversation_messages: 1_000_000,
             login_failures_per_account: 10,
             login_failures_per_cookie: 5,
             invalid_resumes_per_ip: 120,
@@ -464,8 +500,27 @@ impl Config {
                 m.max_buffered_bytes, l.max_frame_bytes
             ));
         }
-        if l.messages_per_second == 0 {
-            return Err("limits.messages_per_second must be > 0".into());
+        let budgets = [
+            ("messages_per_second", l.messages_per_second),
+            ("message_burst", l.message_burst),
+            ("recipients_per_second", l.recipients_per_second),
+            ("recipient_burst", l.recipient_burst),
+            ("reads_per_second", l.reads_per_second),
+            ("read_burst", l.read_burst),
+            ("lookups_per_minute", l.lookups_per_minute),
+            ("groups_created_per_hour", l.groups_created_per_hour),
+            (
+                "group_members_added_per_minute",
+                l.group_members_added_per_minute,
+            ),
+        ];
+        if let Some((name, _)) = budgets.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("limits.{name} must be > 0"));
+        }
+        if l.max_inbox_backlog == 0 || l.max_conversation_messages == 0 {
+            return Err(
+                "limits.max_inbox_backlog and limits.max_conversation_messages must be > 0".into(),
+            );
         }
         if l.resumes_per_device_per_minute == 0 {
             // Zero would refuse every Resume for ever, not "no limit".
@@ -636,12 +691,39 @@ pub struct Overrides {
     /// Most concurrent connections per client IP [default: 256]
     #[arg(long, env = "MESSENGER_MAX_CONNECTIONS_PER_IP", global = true)]
     pub max_connections_per_ip: Option<usize>,
-    /// Sustained messages per second per session [default: 50]
+    /// Sustained messages per second per account, over all its connections and nodes [default: 50]
     #[arg(long, env = "MESSENGER_MESSAGES_PER_SECOND", global = true)]
     pub messages_per_second: Option<u32>,
-    /// Message burst per session above the sustained rate [default: 200]
+    /// Message burst per account above the sustained rate [default: 200]
     #[arg(long, env = "MESSENGER_MESSAGE_BURST", global = true)]
     pub message_burst: Option<u32>,
+    /// Sustained inbox entries per second an account's sends may create (fan-out) [default: 5000]
+    #[arg(long, env = "MESSENGER_RECIPIENTS_PER_SECOND", global = true)]
+    pub recipients_per_second: Option<u32>,
+    /// Inbox entries an account's sends may create at once [default: 20000]
+    #[arg(long, env = "MESSENGER_RECIPIENT_BURST", global = true)]
+    pub recipient_burst: Option<u32>,
+    /// Sustained read requests per second per account [default: 50]
+    #[arg(long, env = "MESSENGER_READS_PER_SECOND", global = true)]
+    pub reads_per_second: Option<u32>,
+    /// Read requests per account at once above the sustained rate [default: 500]
+    #[arg(long, env = "MESSENGER_READ_BURST", global = true)]
+    pub read_burst: Option<u32>,
+    /// LookupUser requests per account per minute [default: 60]
+    #[arg(long, env = "MESSENGER_LOOKUPS_PER_MINUTE", global = true)]
+    pub lookups_per_minute: Option<u32>,
+    /// Groups an account may create per hour [default: 30]
+    #[arg(long, env = "MESSENGER_GROUPS_CREATED_PER_HOUR", global = true)]
+    pub groups_created_per_hour: Option<u32>,
+    /// Group members an account may add per minute [default: 1000]
+    #[arg(long, env = "MESSENGER_GROUP_MEMBERS_ADDED_PER_MINUTE", global = true)]
+    pub group_members_added_per_minute: Option<u32>,
+    /// Unacknowledged inbox entries past which direct messages to a user are refused [default: 500000]
+    #[arg(long, env = "MESSENGER_MAX_INBOX_BACKLOG", global = true)]
+    pub max_inbox_backlog: Option<u64>,
+    /// Most messages one conversation stores [default: 1000000]
+    #[arg(long, env = "MESSENGER_MAX_CONVERSATION_MESSAGES", global = true)]
+    pub max_conversation_messages: Option<u64>,
     /// Failed logins per account per minute [default: 10]
     #[arg(long, env = "MESSENGER_LOGIN_FAILURES_PER_ACCOUNT", global = true)]
     pub login_failures_per_account: Option<u32>,
@@ -771,6 +853,24 @@ impl Overrides {
         set(&mut l.max_connections_per_ip, &self.max_connections_per_ip);
         set(&mut l.messages_per_second, &self.messages_per_second);
         set(&mut l.message_burst, &self.message_burst);
+        set(&mut l.recipients_per_second, &self.recipients_per_second);
+        set(&mut l.recipient_burst, &self.recipient_burst);
+        set(&mut l.reads_per_second, &self.reads_per_second);
+        set(&mut l.read_burst, &self.read_burst);
+        set(&mut l.lookups_per_minute, &self.lookups_per_minute);
+        set(
+            &mut l.groups_created_per_hour,
+            &self.groups_created_per_hour,
+        );
+        set(
+            &mut l.group_members_added_per_minute,
+            &self.group_members_added_per_minute,
+        );
+        set(&mut l.max_inbox_backlog, &self.max_inbox_backlog);
+        set(
+            &mut l.max_conversation_messages,
+            &self.max_conversation_messages,
+        );
         set(
             &mut l.login_failures_per_account,
             &self.login_failures_per_account,

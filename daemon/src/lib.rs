@@ -1,9 +1,11 @@
 //! messengerd as a library, so integration tests and tools can run the real server in-process.
 //! `main.rs` only parses the configuration and runs [`server::RunningServer`] until a signal.
 
+pub mod account_budgets;
 pub mod admin;
 pub mod allocator;
 pub mod auth;
+pub mod budget;
 pub mod cluster;
 pub mod config;
 pub mod delivery;

@@ -1,7 +1,7 @@
-//! Abuse limits: a token bucket per session for messages, token buckets per key (resumes per
-//! device), fixed one-minute windows for authentication attempts (per IP, per account, per
-//! login cookie), and a per-IP connection count.
-//! All in memory and per node; each refusal carries how long to wait.
+//! Abuse limits: token buckets per key (resumes per device), fixed one-minute windows for
+//! authentication attempts (per IP, per account, per login cookie), and a per-IP connection
+//! count. All in memory and per node; each refusal carries how long to wait. Per-account budgets shared across connections and nodes (sends, reads,
+//! group changes) are `budget` and `account_budgets`.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Messages per second with a burst allowance, for one session.
+/// Events per second (or per minute) with a burst allowance, for one key.
 #[derive(Debug)]
 pub struct TokenBucket {
     rate: f64,

@@ -50,6 +50,9 @@ pub const CLUSTER_CUT_OFF: &str = "messenger_cluster_cut_off_total";
 pub const CLUSTER_REBALANCED: &str = "messenger_cluster_rebalanced_total";
 pub const CLUSTER_FOREIGN_ENVELOPES: &str = "messenger_cluster_foreign_envelopes_total";
 pub const CLUSTER_CLAIM_LOST: &str = "messenger_cluster_node_id_lost_total";
+pub const BUDGET_REFUSALS: &str = "messenger_budget_refusals_total";
+pub const QUOTA_REFUSALS: &str = "messenger_quota_refusals_total";
+pub const BUDGET_FALLBACKS: &str = "messenger_cluster_budget_fallbacks_total";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -134,6 +137,7 @@ const ERROR_CODES: &[&str] = &[
     "unsupported_version",
     "unavailable",
     "internal",
+    "resource_exhausted",
     "origin_refused",
 ];
 /// Which budget refused a sign-in or password check: the `budget` label of `auth_refused`.
@@ -154,6 +158,15 @@ const AUTH_BUDGETS: &[&str] = &[
     budget::INVALID_RESUME,
     budget::RESUME_DEVICE,
     budget::HASH_QUEUE,
+];
+/// Per-account budgets (`AccountBudgets`), by the name each uses in Redis keys.
+pub const BUDGETS: &[&str] = &[
+    "sends",
+    "recipients",
+    "reads",
+    "lookups",
+    "groups_created",
+    "members_added",
 ];
 /// Store calls timed with `timed_store`.
 const STORE_OPS: &[&str] = &["append_message", "read_inbox"];
@@ -308,6 +321,21 @@ pub const ALL: &[Metric] = &[
         CLUSTER_CLAIM_LOST,
         "Times this node's id was taken over by another process (it stops serving).",
     ),
+    Metric::counter(
+        BUDGET_REFUSALS,
+        "Requests refused RATE_LIMITED by a per-account budget, by budget.",
+    )
+    .label("budget", BUDGETS),
+    Metric::counter(
+        QUOTA_REFUSALS,
+        "Sends refused RESOURCE_EXHAUSTED by a storage quota, by quota.",
+    )
+    .label("quota", &["inbox_backlog", "history"]),
+    Metric::counter(
+        BUDGET_FALLBACKS,
+        "Budget checks decided by this node alone because Redis did not answer, by budget.",
+    )
+    .label("budget", BUDGETS),
 ];
 
 /// `# HELP` for every metric, and a zero for every series known in advance.
@@ -445,6 +473,18 @@ pub fn catch_up_read() {
 
 pub fn request_error(code: &'static str) {
     counter!(ERRORS, "code" => code).increment(1);
+}
+
+pub fn budget_refused(budget: &'static str) {
+    counter!(BUDGET_REFUSALS, "budget" => budget).increment(1);
+}
+
+pub fn quota_refused(quota: &'static str) {
+    counter!(QUOTA_REFUSALS, "quota" => quota).increment(1);
+}
+
+pub fn budget_fallback(budget: &'static str) {
+    counter!(BUDGET_FALLBACKS, "budget" => budget).increment(1);
 }
 
 pub fn auth_failure() {

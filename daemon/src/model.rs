@@ -138,6 +138,29 @@ pub struct NewMessage {
     pub body: Bytes,
     pub content_type: String,
     pub server_time: UnixMillis,
+    /// The storage quotas this append is checked against, inside its transaction.
+    pub quotas: AppendQuotas,
+}
+
+/// Storage quotas, checked by the store inside the append's transaction (so nothing accepted
+/// is ever dropped afterwards, and two racing sends cannot both slip under a quota).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendQuotas {
+    /// A direct message is refused while the recipient has this many inbox entries or more
+    /// that no device of theirs acknowledged (their newest seq minus the highest seq any of
+    /// their devices acked). Group messages are never refused for it: one absent member must
+    /// not silence a group, and group traffic is bounded by the senders' fan-out budgets.
+    pub inbox_backlog: u64,
+    /// A message is refused when its conversation (a direct pair, or a group) already holds
+    /// this many messages.
+    pub history: u64,
+}
+
+impl AppendQuotas {
+    pub const UNLIMITED: Self = Self {
+        inbox_backlog: u64::MAX,
+        history: u64::MAX,
+    };
 }
 
 /// What an append produced.

@@ -8,7 +8,7 @@
 use bytes::Bytes;
 
 use crate::auth::{self, PasswordHasher};
-use crate::model::{GroupAdds, NewMessage, Recipient, User, now_millis};
+use crate::model::{AppendQuotas, GroupAdds, NewMessage, Recipient, User, now_millis};
 use crate::store::{NewAccount, Store, StoreError};
 
 #[derive(Debug, Clone)]
@@ -137,6 +137,8 @@ pub async fn seed(
                 body: Bytes::from(format!("Hi {}, this is {}.", to.username, from.username)),
                 content_type: "text/plain".to_owned(),
                 server_time: now_millis(),
+                // The operator seeds; no user's quota applies.
+                quotas: AppendQuotas::UNLIMITED,
             })
             .await?;
         if appended.duplicate {

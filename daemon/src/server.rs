@@ -114,6 +114,8 @@ impl RunningServer {
                 shared.hub.clone(),
             )
             .await?;
+            // Every node draws an account's budgets from one bucket per account in Redis.
+            shared.budgets.share_through(Arc::new(cluster.budgets()));
             shared.cluster = Some(cluster);
         }
         let shared = Arc::new(shared);

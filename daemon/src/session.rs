@@ -26,10 +26,10 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
 
+use crate::account_budgets;
 use crate::delivery;
 use crate::hub::ConnHandle;
 use crate::inbound::{self, BudgetedRead, FrameLimit, InboundCodec, ReadGate};
-use crate::limits::TokenBucket;
 use crate::metrics;
 use crate::model::{DeviceId, User, now_millis};
 use crate::state::Shared;
@@ -56,7 +56,6 @@ pub(crate) struct Session {
     pub peer: SocketAddr,
     pub out: writer::Outbound,
     pub auth: Option<Authed>,
-    pub send_bucket: TokenBucket,
     /// Cancelled when the connection must end (writer failure, pump failure).
     pub closing: CancellationToken,
     /// The largest frame accepted now: small until sign-in.
@@ -186,9 +185,7 @@ pub async fn drive<F>(
         input,
         frame_limit,
     } = transport;
-    let limits = &shared.config.limits;
     let mut session = Session {
-        send_bucket: TokenBucket::new(limits.messages_per_second, limits.message_burst),
         shared: shared.clone(),
         peer,
         out,
@@ -473,6 +470,7 @@ impl Session {
             };
             return Err(e);
         }
+        self.charge_read(&kind).await?;
         match kind {
             Req::Ping(_) => ok(Resp::Pong(pb::Pong {})),
             Req::Hello(_) => Err(WireError::new(
@@ -502,6 +500,37 @@ impl Session {
             Req::GetHistory(r) => self.history(r).await,
             Req::ListConversations(r) => self.list_conversations(r).await,
         }
+    }
+
+    /// Read requests draw on the account's read budget; `LookupUser` on the lookup budget too
+    /// (enumeration, F10). Sends and group changes are charged by their handlers.
+    async fn charge_read(&self, kind: &Req) -> Result<(), WireError> {
+        let lookup = matches!(kind, Req::LookupUser(_));
+        let read = lookup
+            || matches!(
+                kind,
+                Req::GetHistory(_)
+                    | Req::ListConversations(_)
+                    | Req::GetGroup(_)
+                    | Req::ListGroups(_)
+            );
+        if !read {
+            return Ok(());
+        }
+        let user = self.authed()?.user.id;
+        let budgets = &self.shared.budgets;
+        if lookup {
+            budgets
+                .lookups
+                .hit(&user)
+                .await
+                .map_err(|wait| account_budgets::refused(&budgets.lookups, wait))?;
+        }
+        budgets
+            .reads
+            .hit(&user)
+            .await
+            .map_err(|wait| account_budgets::refused(&budgets.reads, wait))
     }
 
     /// The authenticated user, or `Unauthenticated`.

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::account_budgets::AccountBudgets;
 use crate::auth::PasswordHasher;
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -34,6 +35,9 @@ pub struct Shared {
     pub invalid_resumes: WindowLimiter<AddressGroup>,
     /// Successful resumes per device.
     pub resumes: BucketLimiter<DeviceId>,
+    /// Per-account budgets (sends, fan-out, reads, lookups, group changes), shared by all of
+    /// an account's connections, and by every node once `share_through` the cluster.
+    pub budgets: AccountBudgets,
 }
 
 impl Shared {
@@ -53,6 +57,7 @@ impl Shared {
                 l.resumes_per_device_per_minute,
                 l.resume_burst_per_device,
             ),
+            budgets: AccountBudgets::new(&config.limits),
             store,
             config,
         })

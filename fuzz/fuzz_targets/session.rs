@@ -106,6 +106,13 @@ fn config(dir: &Path) -> Config {
     // Limits per IP and account would otherwise turn most of a long run into RateLimited.
     c.limits.messages_per_second = 1_000_000;
     c.limits.message_burst = 1_000_000;
+    c.limits.recipients_per_second = 1_000_000;
+    c.limits.recipient_burst = 1_000_000;
+    c.limits.reads_per_second = 1_000_000;
+    c.limits.read_burst = 1_000_000;
+    c.limits.lookups_per_minute = 1_000_000;
+    c.limits.groups_created_per_hour = 1_000_000;
+    c.limits.group_members_added_per_minute = 1_000_000;
     c.limits.auth_attempts_per_ip = 1_000_000;
     c.limits.login_failures_per_account = 1_000_000;
     c.limits.login_failures_per_cookie = 1_000_000;

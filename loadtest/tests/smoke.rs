@@ -19,6 +19,13 @@ async fn daemon(dir: &Path) -> RunningServer {
     c.passwords.argon2_iterations = 1;
     c.limits.messages_per_second = 100_000;
     c.limits.message_burst = 100_000;
+    c.limits.recipients_per_second = 100_000;
+    c.limits.recipient_burst = 100_000;
+    c.limits.reads_per_second = 100_000;
+    c.limits.read_burst = 100_000;
+    c.limits.lookups_per_minute = 100_000;
+    c.limits.groups_created_per_hour = 100_000;
+    c.limits.group_members_added_per_minute = 100_000;
     c.limits.auth_attempts_per_ip = 1_000_000;
     c.limits.invalid_resumes_per_ip = 1_000_000;
     c.limits.resumes_per_device_per_minute = 1_000_000;

@@ -55,5 +55,6 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::UnsupportedVersion => "unsupported_version",
         ErrorCode::Unavailable => "unavailable",
         ErrorCode::Internal => "internal",
+        ErrorCode::ResourceExhausted => "resource_exhausted",
     }
 }

@@ -60,6 +60,11 @@ impl Keyspace {
         format!("{}epoch:{}", self.prefix, device.0)
     }
 
+    /// One account's (or other key's) bucket of one budget (`cluster::budgets`).
+    pub fn budget(&self, budget: &str, key: &str) -> String {
+        format!("{}budget:{budget}:{key}", self.prefix)
+    }
+
     /// The channel a node subscribes to for what other nodes send it.
     pub fn to_node(&self, node: &str) -> String {
         format!("{}to:{node}", self.prefix)
@@ -92,6 +97,7 @@ mod tests {
         assert_eq!(k.presence(UserId(7)), format!("{p}presence:7"));
         assert_eq!(k.epoch(DeviceId(9)), format!("{p}epoch:9"));
         assert_eq!(k.to_node("node2"), format!("{p}to:node2"));
+        assert_eq!(k.budget("sends", "42"), format!("{p}budget:sends:42"));
         assert_eq!(k.all(), format!("{p}all"));
         assert_eq!(k.pattern(), format!("{p}*"));
     }

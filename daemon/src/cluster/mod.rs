@@ -22,6 +22,10 @@
 //! - **Rebalancing** (`rebalance`): each heartbeat publishes the node's connection count; a
 //!   node holding clearly more than its share hands a few connections back with a jittered
 //!   `GoAway`, so a restarted node gets its clients back.
+//! - **Budgets** (`budgets`): each account's per-account budget buckets live in Redis
+//!   (`...:budget:{budget}:{user}`); nodes lease tokens from them in chunks with one script
+//!   call (`crate::budget`), so an account's limit holds across nodes without a Redis round
+//!   trip per request. Redis unreachable: each node applies the budgets alone.
 //! - **Fencing**: every sign-in takes a new epoch for its device (`...:epoch:{device}`,
 //!   strictly increasing, and never below the current time in microseconds so a Redis that
 //!   lost its data still hands out newer epochs than before). The node tells the user's other
@@ -35,6 +39,7 @@
 //!   may have been routed around: it closes every client connection with a reason, so each
 //!   reconnects and resumes from its cursor, and rejoins with an empty hub.
 
+pub mod budgets;
 pub mod claim;
 pub mod keyspace;
 pub mod rebalance;
@@ -272,6 +277,11 @@ impl Cluster {
     /// The names of this cluster's Redis keys and channels.
     pub fn keyspace(&self) -> &Keyspace {
         &self.keys
+    }
+
+    /// Per-account budgets shared by every node, on this node's Redis connection.
+    pub fn budgets(&self) -> budgets::RedisBudgets {
+        budgets::RedisBudgets::new(self.redis.clone(), self.keys.clone())
     }
 
     /// Resolves, with the reason, once another process took this node's id over (this node

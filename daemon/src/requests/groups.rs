@@ -6,6 +6,7 @@ use messenger_protocol::WireError;
 use messenger_protocol::pb::{self, server_frame::Kind as Resp};
 
 use super::{invalid, short_name};
+use crate::account_budgets;
 use crate::model::{GroupId, UserId, now_millis};
 use crate::session::{Handled, Session, ok};
 
@@ -37,6 +38,20 @@ impl Session {
         let name = short_name("group name", &r.name, GROUP_NAME_MAX)?;
         let max = self.shared.config.limits.max_group_members;
         let members = user_ids(&r.member_ids, me, max)?;
+        let budgets = &self.shared.budgets;
+        let added = u32::try_from(members.len()).unwrap_or(u32::MAX);
+        // Both budgets are checked before either is charged: a refusal takes nothing.
+        budgets
+            .members_added
+            .check_cost(&me, added)
+            .await
+            .map_err(|wait| account_budgets::refused(&budgets.members_added, wait))?;
+        budgets
+            .groups_created
+            .hit(&me)
+            .await
+            .map_err(|wait| account_budgets::refused(&budgets.groups_created, wait))?;
+        budgets.members_added.record_cost(&me, added);
         let group = self
             .shared
             .store
@@ -52,6 +67,12 @@ impl Session {
         if users.is_empty() {
             return Err(invalid("no users to add"));
         }
+        let budgets = &self.shared.budgets;
+        budgets
+            .members_added
+            .take(&me, u32::try_from(users.len()).unwrap_or(u32::MAX))
+            .await
+            .map_err(|wait| account_budgets::refused(&budgets.members_added, wait))?;
         let group = self
             .shared
             .store

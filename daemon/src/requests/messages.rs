@@ -6,13 +6,15 @@ use prost::Message as _;
 
 use super::conversation_cursor::Cursor;
 use super::invalid;
+use crate::account_budgets;
 use crate::auth;
 use crate::delivery;
 use crate::model::{
-    Conversation, ConversationQuery, ConversationSummary, ConversationWith, GroupId, MessageId,
-    NewMessage, Recipient, Seq, UserId, now_millis,
+    AppendQuotas, Conversation, ConversationQuery, ConversationSummary, ConversationWith, GroupId,
+    MessageId, NewMessage, Recipient, Seq, UserId, now_millis,
 };
-use crate::session::{After, Handled, Session, ok, rate_limited};
+use crate::session::{After, Handled, Session, ok};
+use crate::store::{INBOX_FULL, StoreError};
 
 pub const CLIENT_MSG_ID_MAX: usize = 64;
 pub const CONTENT_TYPE_MAX: usize = 64;
@@ -89,9 +91,25 @@ impl Session {
                 "content_type must be at most {CONTENT_TYPE_MAX} bytes without control characters"
             )));
         }
-        self.send_bucket
-            .try_take()
-            .map_err(|wait| rate_limited("sending too fast", wait))?;
+        // The fan-out budget is checked first and charged once the message is stored (a group's
+        // size is known only then); the message budget is taken now. Refused sends take
+        // nothing from either.
+        let budgets = &self.shared.budgets;
+        budgets
+            .recipients
+            .check(&sender)
+            .await
+            .map_err(|wait| account_budgets::refused(&budgets.recipients, wait))?;
+        budgets
+            .sends
+            .hit(&sender)
+            .await
+            .map_err(|wait| account_budgets::refused(&budgets.sends, wait))?;
+        let limits = &self.shared.config.limits;
+        let quotas = AppendQuotas {
+            inbox_backlog: limits.max_inbox_backlog,
+            history: limits.max_conversation_messages,
+        };
         let content_type = if r.content_type.is_empty() {
             DEFAULT_CONTENT_TYPE.to_string()
         } else {
@@ -106,9 +124,23 @@ impl Session {
                 body: r.body,
                 content_type,
                 server_time: now_millis(),
+                quotas,
             },
         )
-        .await?;
+        .await
+        .inspect_err(|e| {
+            if let StoreError::QuotaExceeded(which) = e {
+                crate::metrics::quota_refused(if *which == INBOX_FULL {
+                    "inbox_backlog"
+                } else {
+                    "history"
+                });
+            }
+        })?;
+        if !appended.duplicate {
+            let rows = u32::try_from(appended.entries.len()).unwrap_or(u32::MAX);
+            budgets.recipients.record_cost(&sender, rows);
+        }
         ok(Resp::Sent(pb::Sent {
             message_id: appended.message.id.0,
             server_time_ms: appended.message.server_time,

@@ -11,9 +11,9 @@ use bytes::Bytes;
 
 use super::{NewAccount, NewSession, Store, StoreError};
 use crate::model::{
-    Appended, Conversation, ConversationPage, ConversationQuery, ConversationWith, DeviceId,
-    GroupAdds, GroupId, InboxEntry, MessageId, NewMessage, ProfileChange, Recipient, Seq, Session,
-    StoredMessage, User, UserId,
+    AppendQuotas, Appended, Conversation, ConversationPage, ConversationQuery, ConversationWith,
+    DeviceId, GroupAdds, GroupId, InboxEntry, MessageId, NewMessage, ProfileChange, Recipient, Seq,
+    Session, StoredMessage, User, UserId,
 };
 
 /// Ids no test creates; the stores start counting at 1.
@@ -129,6 +129,7 @@ fn message(from: &User, to: Recipient, client_msg_id: &str) -> NewMessage {
         body: Bytes::from(format!("body of {client_msg_id}")),
         content_type: "text/plain".to_owned(),
         server_time: 42,
+        quotas: AppendQuotas::UNLIMITED,
     }
 }
 
@@ -203,7 +204,8 @@ fn assert_err<T: std::fmt::Debug>(result: Result<T, StoreError>, expected: &Stor
             match (&e, expected) {
                 (StoreError::NotFound(a), StoreError::NotFound(b))
                 | (StoreError::AlreadyExists(a), StoreError::AlreadyExists(b))
-                | (StoreError::LimitExceeded(a), StoreError::LimitExceeded(b)) => {
+                | (StoreError::LimitExceeded(a), StoreError::LimitExceeded(b))
+                | (StoreError::QuotaExceeded(a), StoreError::QuotaExceeded(b)) => {
                     assert_eq!(a, b, "wrong error payload");
                 }
                 (StoreError::GroupAddRefused(a), StoreError::GroupAddRefused(b)) => {
@@ -1700,6 +1702,137 @@ pub(crate) async fn login_cookies_belong_to_one_account_are_bounded_and_revoked(
     );
 }
 
+// ----- storage quotas -----
+
+fn with_quotas(mut m: NewMessage, inbox_backlog: u64, history: u64) -> NewMessage {
+    m.quotas = AppendQuotas {
+        inbox_backlog,
+        history,
+    };
+    m
+}
+
+pub(crate) async fn a_direct_message_to_a_full_inbox_is_refused_and_changes_nothing(
+    store: &dyn Store,
+) {
+    use super::{HISTORY_FULL, INBOX_FULL};
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+    let bobs_phone = login(store, &bob, 1).await;
+    let group = new_group(store, &alice, "g", &[bob.id]).await;
+    let send = |from: &User, to: Recipient, id: &str| {
+        store.append_message(with_quotas(message(from, to, id), 3, u64::MAX))
+    };
+    for i in 0..3 {
+        send(&alice, Recipient::User(bob.id), &format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let bob_before = inbox(store, &bob).await;
+    let alice_before = inbox(store, &alice).await;
+    assert_err(
+        send(&alice, Recipient::User(bob.id), "over").await,
+        &StoreError::QuotaExceeded(INBOX_FULL),
+    );
+    assert_err(
+        send(&carol, Recipient::User(bob.id), "over").await,
+        &StoreError::QuotaExceeded(INBOX_FULL),
+    );
+    assert_ne!(INBOX_FULL, HISTORY_FULL);
+    assert_eq!(
+        inbox(store, &bob).await,
+        bob_before,
+        "a refused DM changed bob's inbox"
+    );
+    assert_eq!(inbox(store, &alice).await, alice_before);
+    assert!(inbox(store, &carol).await.is_empty());
+    assert_eq!(
+        history(store, &alice, Conversation::Direct(bob.id), None, ALL)
+            .await
+            .len(),
+        3
+    );
+    // A retry of a message that was stored still gets its first answer.
+    assert!(
+        send(&alice, Recipient::User(bob.id), "m0")
+            .await
+            .unwrap()
+            .duplicate
+    );
+    // Bob may still write, to others and to himself; a group he is in still reaches him,
+    // past the quota: one absent member must not silence a group. (Alice's own copies count
+    // in her backlog too, and she has no device: bob writes to carol.)
+    send(&bob, Recipient::User(carol.id), "reply")
+        .await
+        .unwrap();
+    send(&bob, Recipient::User(bob.id), "note").await.unwrap();
+    let g = send(&alice, Recipient::Group(group), "group")
+        .await
+        .unwrap();
+    assert!(g.entries.iter().any(|&(u, _)| u == bob.id));
+    // Once a device of bob's has received what waits, direct messages flow again.
+    let head = store.inbox_head(bob.id).await.unwrap();
+    store.ack(bobs_phone.device, head).await.unwrap();
+    send(&alice, Recipient::User(bob.id), "after-ack")
+        .await
+        .unwrap();
+}
+
+pub(crate) async fn a_conversation_at_its_history_quota_refuses_further_messages(
+    store: &dyn Store,
+) {
+    use super::HISTORY_FULL;
+    let alice = create(store, "alice").await;
+    let bob = create(store, "bob").await;
+    let carol = create(store, "carol").await;
+    let group = new_group(store, &alice, "g", &[bob.id]).await;
+    let send = |from: &User, to: Recipient, id: &str| {
+        store.append_message(with_quotas(message(from, to, id), u64::MAX, 2))
+    };
+    send(&alice, Recipient::User(bob.id), "d1").await.unwrap();
+    send(&bob, Recipient::User(alice.id), "d2").await.unwrap();
+    let bob_before = inbox(store, &bob).await;
+    // Both sides of the pair share one history.
+    for (from, to) in [(&alice, &bob), (&bob, &alice)] {
+        assert_err(
+            send(from, Recipient::User(to.id), "d3").await,
+            &StoreError::QuotaExceeded(HISTORY_FULL),
+        );
+    }
+    assert_eq!(inbox(store, &bob).await, bob_before);
+    assert!(
+        send(&alice, Recipient::User(bob.id), "d1")
+            .await
+            .unwrap()
+            .duplicate
+    );
+    // Other conversations have their own.
+    send(&alice, Recipient::User(carol.id), "c1").await.unwrap();
+    send(&alice, Recipient::Group(group), "g1").await.unwrap();
+    send(&bob, Recipient::Group(group), "g2").await.unwrap();
+    assert_err(
+        send(&alice, Recipient::Group(group), "g3").await,
+        &StoreError::QuotaExceeded(HISTORY_FULL),
+    );
+    assert_eq!(
+        history(store, &bob, Conversation::Group(group), None, ALL)
+            .await
+            .len(),
+        2
+    );
+    // Counting starts from what the store holds, not from this process's sends: a higher
+    // quota lets the same conversation go on.
+    store
+        .append_message(with_quotas(
+            message(&alice, Recipient::Group(group), "g3"),
+            u64::MAX,
+            3,
+        ))
+        .await
+        .unwrap();
+}
+
 /// Every suite function that runs unchanged on each backend, once: a backend module defines
 /// its `suite!` (how to give a test a fresh store) and calls `for_each_backend!(suite)`, so no
 /// backend can miss a test another one runs.
@@ -1733,6 +1866,8 @@ macro_rules! for_each_backend {
                 the_cluster_id_is_32_hex_chars_and_stable,
                 login_cookies_belong_to_one_account_are_bounded_and_revoked,
                 closed_store_is_unavailable,
+                a_direct_message_to_a_full_inbox_is_refused_and_changes_nothing,
+                a_conversation_at_its_history_quota_refuses_further_messages,
             ],
             shared: [
                 concurrent_appends_keep_every_inbox_gapless,
@@ -2125,15 +2260,16 @@ pub(crate) mod postgres_backend {
                  ALTER TABLE groups DROP COLUMN last_message_id; \
                  ALTER TABLE group_members DROP COLUMN joined_after; \
                  DROP TABLE cluster_identity; DROP TABLE login_cookies; \
-                 DELETE FROM refinery_schema_history WHERE version IN (2, 3, 4)",
+                 DROP TABLE history_sizes; \
+                 DELETE FROM refinery_schema_history WHERE version >= 2",
             )
             .await
-            .expect("undo V2, V3 and V4");
+            .expect("undo V2 and later");
         a.close().await.expect("close");
         let applied = super::super::postgres::migrate(&one.config, Duration::from_secs(5))
             .await
             .expect("upgrade in place");
-        assert_eq!(applied, 3);
+        assert_eq!(applied, 4, "V2 to V5");
         let upgraded = one.open(options()).await;
         let new_id = upgraded.cluster_id().await.expect("id after upgrade");
         assert_eq!(new_id.len(), 32);

@@ -25,8 +25,8 @@ use async_trait::async_trait;
 
 use crate::model::{
     Account, Appended, Conversation, ConversationPage, ConversationQuery, DeviceId, Group,
-    GroupAdds, GroupId, InboxEntry, MessageId, NewMessage, Profile, ProfileChange, Seq, Session,
-    StoredMessage, UnixMillis, User, UserId,
+    GroupAdds, GroupId, InboxEntry, MessageId, NewMessage, Profile, ProfileChange, Recipient, Seq,
+    Session, StoredMessage, UnixMillis, User, UserId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,9 @@ pub enum StoreError {
     /// do not exist: the two are one answer on purpose.
     #[error("{}", refused_message(.0))]
     GroupAddRefused(Vec<UserId>),
+    /// A storage quota is used up (`AppendQuotas`); nothing was changed.
+    #[error("{0}")]
+    QuotaExceeded(&'static str),
     /// The backend cannot be reached or is shutting down; nothing was changed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -78,6 +81,12 @@ fn refused_message(users: &[UserId]) -> String {
         format!("users {list} do not accept group invitations from you")
     }
 }
+/// The refusal of a direct message to a user whose inbox backlog is at its quota.
+pub const INBOX_FULL: &str = "the recipient's inbox is full: too many messages wait for \
+    them to come online and receive them; try again later";
+/// The refusal of a message to a conversation whose history is at its quota.
+pub const HISTORY_FULL: &str = "this conversation's history is full: it holds the most \
+    messages a conversation may store";
 
 // Both backends store ids, seqs and counts as signed 64-bit integers.
 
@@ -90,6 +99,19 @@ fn id_param(id: u64) -> i64 {
 /// Bounds (seqs, "before" ids) saturate instead: "after 2^63+1" means "after everything".
 fn bound_param(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The `history_sizes` key of the message's conversation (both schemas): (group, 0, 0) for a
+/// group, (0, lower user id, higher user id) for a direct pair. Ids start at 1, so the two
+/// kinds never share a key.
+fn history_key(message: &NewMessage) -> [i64; 3] {
+    match message.to {
+        Recipient::Group(group) => [id_param(group.0), 0, 0],
+        Recipient::User(peer) => {
+            let (a, b) = (id_param(message.sender.0), id_param(peer.0));
+            [0, a.min(b), a.max(b)]
+        }
+    }
 }
 
 fn limit_param(n: usize) -> i64 {
@@ -190,7 +212,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a message and appends an inbox entry for every recipient and for the sender.
     /// Errors: `NotFound("user")` for a missing recipient, `NotFound("group")` for a missing
-    /// group or one the sender is not a member of.
+    /// group or one the sender is not a member of, `QuotaExceeded(INBOX_FULL)` for a direct
+    /// message to another user whose unacknowledged backlog reached
+    /// `message.quotas.inbox_backlog`, `QuotaExceeded(HISTORY_FULL)` when the conversation
+    /// already holds `message.quotas.history` messages. A retry of a stored message still gets
+    /// the first answer (`duplicate`), whatever the quotas say now.
     async fn append_message(&self, message: NewMessage) -> StoreResult<Appended>;
 
     /// Inbox entries of `user` with seq > `after`, ascending: at most `limit`, and no more
@@ -309,6 +335,7 @@ impl From<StoreError> for messenger_protocol::WireError {
             StoreError::PermissionDenied(_) => ErrorCode::PermissionDenied,
             StoreError::LimitExceeded(_) => ErrorCode::InvalidArgument,
             StoreError::GroupAddRefused(_) => ErrorCode::PermissionDenied,
+            StoreError::QuotaExceeded(_) => ErrorCode::ResourceExhausted,
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             StoreError::Backend(detail) => {
                 tracing::error!(%detail, "store failure");

@@ -8,7 +8,8 @@
 //!
 //! Lock order, kept by every transaction that takes more than one: group rows, then user rows
 //! (ascending id), then sessions; `direct_threads` rows are only written by appends, after the
-//! user rows they belong to are locked. Nothing read from the database may panic here: rows are read
+//! user rows they belong to are locked; appends take a conversation's `history_sizes` row last.
+//! Nothing read from the database may panic here: rows are read
 //! with `try_get` and every failure becomes a `StoreError`.
 
 use std::collections::{HashMap, HashSet};
@@ -26,7 +27,8 @@ use tokio_postgres::{GenericClient, NoTls, Row, Statement};
 
 use super::conversations::{self, Candidate};
 use super::{
-    NewAccount, NewSession, Store, StoreError, StoreResult, bound_param, id_param, limit_param,
+    HISTORY_FULL, INBOX_FULL, NewAccount, NewSession, Store, StoreError, StoreResult, bound_param,
+    history_key, id_param, limit_param,
 };
 use crate::model::{
     Account, Appended, Conversation, ConversationPage, ConversationQuery, ConversationSummary,
@@ -1205,7 +1207,7 @@ impl Store for PostgresStore {
         let ids: Vec<i64> = recipients.iter().map(|u| id_param(u.0)).collect();
         let locked = db
             .query(
-                "SELECT id, username, display_name, last_seq FROM users \
+                "SELECT id, username, display_name, last_seq, acked_seq FROM users \
                  WHERE id = ANY($1) ORDER BY id FOR UPDATE",
                 &[&ids],
             )
@@ -1215,6 +1217,14 @@ impl Store for PostgresStore {
         for row in &locked {
             let user = user_from_row(row, 0)?;
             let last = get_u64(row, 3)?;
+            // The row is locked, so this is the backlog every earlier append committed.
+            // Notes to oneself are never refused for one's own backlog.
+            if message.to == Recipient::User(user.id)
+                && user.id != message.sender
+                && last.saturating_sub(get_u64(row, 4)?) >= message.quotas.inbox_backlog
+            {
+                return Err(StoreError::QuotaExceeded(INBOX_FULL));
+            }
             let seq = last.checked_add(1).ok_or_else(|| {
                 StoreError::Backend(format!("inbox seq of {} overflowed", user.id))
             })?;
@@ -1236,6 +1246,9 @@ impl Store for PostgresStore {
         // rows stay locked as briefly as possible. Two identical sends racing both got past the
         // check above; the sender's row lock serialized them, so the second conflicts on the
         // message insert, and then (joined to its empty result) updates and inserts nothing.
+        // The history quota is checked in the same statement: it starts after the locks above
+        // were granted, so it sees every earlier append to this conversation (they lock the
+        // same user rows); a message it refuses is not inserted, and nothing else is either.
         let seqs: Vec<i64> = next.iter().map(|(_, s)| bound_param(s.0)).collect();
         let users: Vec<i64> = next.iter().map(|(u, _)| id_param(u.0)).collect();
         // The conversation moves up the list of each side (see the V3 migration): one row per
@@ -1250,13 +1263,22 @@ impl Store for PostgresStore {
             }
             Recipient::Group(_) => (Vec::new(), Vec::new(), Vec::new()),
         };
+        let [size_group, size_low, size_high] = history_key(&message);
+        let history_max = bound_param(message.quotas.history);
         let inserted = db
             .query_opt(
                 "WITH m AS ( \
                    INSERT INTO messages (sender_id, sender_username, sender_display_name, \
                    to_user_id, to_group_id, client_msg_id, body, content_type, server_time) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+                   WHERE coalesce((SELECT messages FROM history_sizes \
+                     WHERE group_id = $15 AND low_id = $16 AND high_id = $17), 0) < $18 \
                    ON CONFLICT (sender_id, client_msg_id) DO NOTHING RETURNING id \
+                 ), sizes AS ( \
+                   INSERT INTO history_sizes (group_id, low_id, high_id, messages) \
+                   SELECT $15, $16, $17, 1 FROM m \
+                   ON CONFLICT (group_id, low_id, high_id) \
+                   DO UPDATE SET messages = history_sizes.messages + 1 \
                  ), counters AS ( \
                    UPDATE users SET last_seq = v.seq \
                    FROM unnest($10::bigint[], $11::bigint[]) AS v(id, seq), m \
@@ -1292,16 +1314,20 @@ impl Store for PostgresStore {
                     &thread_users,
                     &thread_peers,
                     &thread_wrote,
+                    &size_group,
+                    &size_low,
+                    &size_high,
+                    &history_max,
                 ],
             )
             .await?;
         let Some(row) = inserted else {
+            // Nothing inserted: a racing identical send stored it first, or else the history
+            // quota refused it.
             return existing_message(&mut db, message.sender, &message.client_msg_id)
                 .await?
                 .map(duplicate)
-                .ok_or_else(|| {
-                    StoreError::Backend("a message conflicted with one that is not there".into())
-                });
+                .ok_or(StoreError::QuotaExceeded(HISTORY_FULL));
         };
         let id = get_u64(&row, 0)?;
         tx.commit().await.map_err(pg_error)?;

@@ -25,7 +25,8 @@ use tokio::sync::{Semaphore, oneshot};
 
 use super::conversations::{self, Candidate};
 use super::{
-    NewAccount, NewSession, Store, StoreError, StoreResult, bound_param, id_param, limit_param,
+    HISTORY_FULL, INBOX_FULL, NewAccount, NewSession, Store, StoreError, StoreResult, bound_param,
+    history_key, id_param, limit_param,
 };
 use crate::model::{
     Account, Appended, Conversation, ConversationPage, ConversationQuery, ConversationSummary,
@@ -699,6 +700,9 @@ struct CachedUser {
     user: User,
     /// The newest seq in the user's inbox: the next entry gets `head + 1`.
     head: u64,
+    /// The highest seq any device of the user acknowledged (`users.acked_seq`): `head -
+    /// acked` is the backlog the inbox quota limits.
+    acked: u64,
 }
 
 impl UserCache {
@@ -735,13 +739,14 @@ impl UserCache {
                 let loaded = conn
                     .prepare_cached(
                         "SELECT id, username, display_name, \
-                         (SELECT coalesce(max(seq), 0) FROM inbox WHERE user_id = ?1) \
-                         FROM users WHERE id = ?1",
+                         (SELECT coalesce(max(seq), 0) FROM inbox WHERE user_id = ?1), \
+                         acked_seq FROM users WHERE id = ?1",
                     )?
                     .query_row([id_param(id.0)], |row| {
                         Ok(CachedUser {
                             user: user_from_row(row)?,
                             head: get_u64(row, 3)?,
+                            acked: get_u64(row, 4)?,
                         })
                     })
                     .optional()?;
@@ -778,7 +783,14 @@ impl UserCache {
     /// A freshly created account with an empty inbox.
     fn insert(&mut self, user: User) {
         self.touched.push(user.id);
-        self.entries.insert(user.id, CachedUser { user, head: 0 });
+        self.entries.insert(
+            user.id,
+            CachedUser {
+                user,
+                head: 0,
+                acked: 0,
+            },
+        );
     }
 
     /// The account changed (its display name) or is gone: drop or refresh it.
@@ -1151,14 +1163,15 @@ fn ack(w: &mut Writer, device: DeviceId, up_to: Seq) -> StoreResult<()> {
     else {
         return Ok(());
     };
-    let Some(head) = w.users.get(&w.conn, user)?.map(|cached| cached.head) else {
+    let Some(cached) = w.users.get(&w.conn, user)? else {
         return Ok(());
     };
     // Acks above the newest seq are clamped to it; cursors never move back.
-    let to = up_to.0.min(head);
+    let to = up_to.0.min(cached.head);
     if to <= acked {
         return Ok(());
     }
+    cached.acked = cached.acked.max(to);
     let to = bound_param(to);
     w.conn
         .prepare_cached("UPDATE sessions SET acked_seq = ?2 WHERE id = ?1")?
@@ -1216,8 +1229,14 @@ fn check_append(w: &mut Writer, message: &NewMessage) -> StoreResult<AppendTarge
         .ok_or(StoreError::NotFound("user"))?;
     let target = match message.to {
         Recipient::User(peer) => {
-            if !w.users.exists(&w.conn, peer)? {
+            let Some(cached) = w.users.get(&w.conn, peer)? else {
                 return Err(StoreError::NotFound("user"));
+            };
+            // Notes to oneself are never refused for one's own backlog.
+            if peer != message.sender
+                && cached.head.saturating_sub(cached.acked) >= message.quotas.inbox_backlog
+            {
+                return Err(StoreError::QuotaExceeded(INBOX_FULL));
             }
             let mut recipients = vec![message.sender, peer];
             recipients.sort_unstable();
@@ -1253,6 +1272,18 @@ fn check_append(w: &mut Writer, message: &NewMessage) -> StoreResult<AppendTarge
             }
         }
     };
+    let stored: u64 = w
+        .conn
+        .prepare_cached(
+            "SELECT messages FROM history_sizes \
+             WHERE group_id = ?1 AND low_id = ?2 AND high_id = ?3",
+        )?
+        .query_row(history_key(message), |row| get_u64(row, 0))
+        .optional()?
+        .unwrap_or(0);
+    if stored >= message.quotas.history {
+        return Err(StoreError::QuotaExceeded(HISTORY_FULL));
+    }
     Ok(target)
 }
 
@@ -1307,6 +1338,13 @@ fn append_message(w: &mut Writer, message: &NewMessage) -> StoreResult<Appended>
     let id = w.conn.last_insert_rowid();
     let id = u64::try_from(id)
         .map_err(|_| StoreError::Backend(format!("negative message id {id} assigned")))?;
+    w.conn
+        .prepare_cached(
+            "INSERT INTO history_sizes (group_id, low_id, high_id, messages) \
+             VALUES (?1, ?2, ?3, 1) \
+             ON CONFLICT (group_id, low_id, high_id) DO UPDATE SET messages = messages + 1",
+        )?
+        .execute(history_key(message))?;
 
     // Seqs come from the writer's cache in the order commands run, which is commit order; the
     // batch commits as a whole, so a reader sees a seq only with all below it.

@@ -4438,6 +4438,7 @@ export const messenger = $root.messenger = (() => {
             values[valuesById[8] = "ERROR_CODE_UNSUPPORTED_VERSION"] = 8;
             values[valuesById[9] = "ERROR_CODE_UNAVAILABLE"] = 9;
             values[valuesById[10] = "ERROR_CODE_INTERNAL"] = 10;
+            values[valuesById[11] = "ERROR_CODE_RESOURCE_EXHAUSTED"] = 11;
             return values;
         })();
 
