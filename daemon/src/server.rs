@@ -114,8 +114,8 @@ impl RunningServer {
                 shared.hub.clone(),
             )
             .await?;
-            // Every node draws an account's budgets from one bucket per account in Redis.
-            shared.budgets.share_through(Arc::new(cluster.budgets()));
+            // Every node draws an account's (and an address's) budgets from one bucket in Redis.
+            shared.share_budgets_through(Arc::new(cluster.budgets()));
             shared.cluster = Some(cluster);
         }
         let shared = Arc::new(shared);

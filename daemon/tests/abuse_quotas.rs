@@ -73,9 +73,9 @@ async fn one_account_over_two_connections_cannot_exceed_its_send_rate() {
         c.limits.message_burst = BURST;
     })
     .await;
-    let (phone, _) = ts.user("alice").await;
+    let (phone, _) = ts.open_user("alice").await;
     let laptop = ts.device("alice", "laptop").await;
-    let (mut bob, bob_user) = ts.user("bob").await;
+    let (mut bob, bob_user) = ts.open_user("bob").await;
 
     let (accepted, refused, elapsed) =
         flood(&[&phone, &laptop], Recipient::User(bob_user.user_id), 40).await;
@@ -170,10 +170,10 @@ async fn a_group_send_is_charged_by_its_fan_out() {
         c.limits.recipient_burst = 10;
     })
     .await;
-    let (alice, _) = ts.user("alice").await;
+    let (alice, _) = ts.open_user("alice").await;
     let mut members = Vec::new();
     for i in 1..MEMBERS {
-        let (_, user) = ts.user(&format!("member{i}")).await;
+        let (_, user) = ts.open_user(&format!("member{i}")).await;
         members.push(user.user_id);
     }
     let group = alice
@@ -210,7 +210,7 @@ async fn a_group_send_is_charged_by_its_fan_out() {
 async fn a_lookup_user_flood_is_refused() {
     const PER_MINUTE: u32 = 5;
     let ts = TestServer::start_with(|c| c.limits.lookups_per_minute = PER_MINUTE).await;
-    let (mallory, _) = ts.user("mallory").await;
+    let (mallory, _) = ts.open_user("mallory").await;
     let started = Instant::now();
     let mut found = 0;
     let mut refused = Vec::new();
@@ -241,7 +241,7 @@ async fn read_requests_are_refused_past_the_read_budget() {
         c.limits.read_burst = BURST;
     })
     .await;
-    let (alice, _) = ts.user("alice").await;
+    let (alice, _) = ts.open_user("alice").await;
     let second = ts.device("alice", "second").await;
     let started = Instant::now();
     let mut answered = 0;
@@ -281,10 +281,10 @@ async fn group_creation_and_additions_are_limited_per_account() {
         c.limits.group_members_added_per_minute = 4;
     })
     .await;
-    let (alice, _) = ts.user("alice").await;
+    let (alice, _) = ts.open_user("alice").await;
     let mut others = Vec::new();
     for name in ["bert", "cleo", "dana", "emil", "fred"] {
-        others.push(ts.user(name).await.1.user_id);
+        others.push(ts.open_user(name).await.1.user_id);
     }
     let first = alice
         .conn()
@@ -326,9 +326,9 @@ async fn group_creation_and_additions_are_limited_per_account() {
 async fn a_direct_message_to_a_full_inbox_is_refused_and_changes_nothing() {
     const BACKLOG: usize = 5;
     let ts = TestServer::start_with(|c| c.limits.max_inbox_backlog = BACKLOG as u64).await;
-    let (alice, _) = ts.user("alice").await;
-    let (carol, _) = ts.user("carol").await;
-    let (bob, bob_user) = ts.user("bob").await;
+    let (alice, _) = ts.open_user("alice").await;
+    let (carol, _) = ts.open_user("carol").await;
+    let (bob, bob_user) = ts.open_user("bob").await;
     bob.close().await;
     let to_bob = Recipient::User(bob_user.user_id);
     for i in 0..BACKLOG {
@@ -377,9 +377,9 @@ async fn a_direct_message_to_a_full_inbox_is_refused_and_changes_nothing() {
 #[tokio::test]
 async fn group_sends_to_a_group_with_an_over_quota_member_still_work() {
     let ts = TestServer::start_with(|c| c.limits.max_inbox_backlog = 2).await;
-    let (alice, _) = ts.user("alice").await;
-    let (mut carol, carol_user) = ts.user("carol").await;
-    let (bob, bob_user) = ts.user("bob").await;
+    let (alice, _) = ts.open_user("alice").await;
+    let (mut carol, carol_user) = ts.open_user("carol").await;
+    let (bob, bob_user) = ts.open_user("bob").await;
     let group = alice
         .conn()
         .create_group("team", &[bob_user.user_id, carol_user.user_id])
@@ -419,9 +419,9 @@ async fn group_sends_to_a_group_with_an_over_quota_member_still_work() {
 #[tokio::test]
 async fn a_conversation_at_its_history_quota_refuses_sends_with_a_clear_error() {
     let ts = TestServer::start_with(|c| c.limits.max_conversation_messages = 3).await;
-    let (alice, _) = ts.user("alice").await;
-    let (bob, bob_user) = ts.user("bob").await;
-    let (_carol, carol_user) = ts.user("carol").await;
+    let (alice, _) = ts.open_user("alice").await;
+    let (bob, bob_user) = ts.open_user("bob").await;
+    let (_carol, carol_user) = ts.open_user("carol").await;
     let alice_id = alice.user().expect("alice").user_id;
     alice
         .conn()
@@ -450,4 +450,81 @@ async fn a_conversation_at_its_history_quota_refuses_sends_with_a_clear_error() 
         .await
         .expect("another conversation");
     ts.stop().await;
+}
+
+/// F6/F9 across nodes: wrong passwords from devices the account does not know spend one
+/// budget in the whole cluster. An attacker alternating between two nodes gets the budget
+/// once, not once per node; the owner's known device still gets in.
+#[tokio::test]
+async fn failed_logins_spread_over_two_nodes_share_one_budget() {
+    const FAILURES: u32 = 4;
+    let redis = TestRedis::start();
+    let database = TestDatabase::create("msglogin").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node_config = |n: usize, first: Option<&RunningServer>| -> Config {
+        let node_dir = dir.path().join(format!("node{n}"));
+        std::fs::create_dir_all(&node_dir).expect("node dir");
+        let mut c = test_config(&node_dir);
+        common::use_postgres(&mut c, &database.url);
+        c.cluster.redis_url = Some(redis.url());
+        c.cluster.node_id = Some(format!("node{n}"));
+        c.limits.login_failures_per_account = FAILURES;
+        if let Some(first) = first {
+            c.tls.cert = Some(first.cert_path.clone());
+            c.tls.key = Some(first.cert_path.with_file_name("key.pem"));
+        }
+        c
+    };
+    let a = RunningServer::start(node_config(0, None))
+        .await
+        .expect("node0");
+    let b = RunningServer::start(node_config(1, Some(&a)))
+        .await
+        .expect("node1");
+    let ca = a.dev_ca.clone().expect("development CA");
+    let connect = |node: &RunningServer| {
+        let mut o = ConnectOptions::new(node.addr.to_string(), Trust::CaFile(ca.clone()));
+        o.request_timeout = WAIT;
+        Client::connect(o)
+    };
+    let mut owner = connect(&a).await.expect("connect");
+    owner
+        .register("alice", PASSWORD, "Alice")
+        .await
+        .expect("register");
+    owner
+        .login("alice", PASSWORD, "phone")
+        .await
+        .expect("login");
+    let cookie = owner.login_cookie("alice").expect("a login cookie").clone();
+
+    // Wrong passwords, alternating nodes, each on a fresh connection (as a bot would).
+    let mut outcomes = Vec::new();
+    for i in 0..FAILURES * 2 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let mut attacker = connect(node).await.expect("connect");
+        let err = attacker
+            .login("alice", "not the password", "bot")
+            .await
+            .expect_err("a wrong password never signs in");
+        outcomes.push(code(&err));
+    }
+    let refused = outcomes
+        .iter()
+        .filter(|c| **c == Some(ErrorCode::RateLimited))
+        .count();
+    // Per node, all eight would be plain wrong-password answers (four per node); shared, the
+    // budget runs out after four (each node may hold one leased token more).
+    assert!(
+        refused >= FAILURES as usize - 2,
+        "after {FAILURES} failures spread over two nodes the rest are refused: {outcomes:?}"
+    );
+    // The owner's known device, on the other node, is not locked out.
+    let mut back = connect(&b).await.expect("connect");
+    back.set_login_cookie("alice", cookie);
+    back.login("alice", PASSWORD, "phone")
+        .await
+        .expect("the owner's known device signs in");
+    a.shutdown().await;
+    b.shutdown().await;
 }

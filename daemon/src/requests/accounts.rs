@@ -19,10 +19,11 @@ fn wrong_credentials() -> WireError {
 }
 
 impl Session {
-    fn limit_auth_attempt(&self) -> Result<(), WireError> {
+    async fn limit_auth_attempt(&self) -> Result<(), WireError> {
         self.shared
             .auth_per_ip
             .hit(&AddressGroup::of(self.peer.ip()))
+            .await
             .map_err(|wait| {
                 metrics::auth_refused(metrics::budget::IP);
                 rate_limited(
@@ -37,7 +38,7 @@ impl Session {
     }
 
     pub(crate) async fn register(&mut self, r: pb::Register) -> Handled {
-        self.limit_auth_attempt()?;
+        self.limit_auth_attempt().await?;
         let username_key = auth::username_key(&r.username)?;
         auth::check_new_password(&r.password, self.shared.config.passwords.min_length)?;
         let display_name = if r.display_name.trim().is_empty() {
@@ -87,14 +88,14 @@ impl Session {
     }
 
     pub(crate) async fn login(&mut self, r: pb::Login) -> Handled {
-        self.limit_auth_attempt()?;
+        self.limit_auth_attempt().await?;
         let Ok(key) = auth::username_key(&r.username) else {
             metrics::auth_failure();
             return Err(wrong_credentials());
         };
         let cookie_hash = auth::login_cookie_hash(&r.login_cookie);
         if cookie_hash.is_none() {
-            self.check_untrusted(&key)?;
+            self.check_untrusted(&key).await?;
         }
         let device_name = if r.device_name.trim().is_empty() {
             "device".to_string()
@@ -163,6 +164,7 @@ impl Session {
         self.shared
             .invalid_resumes
             .check(&address)
+            .await
             .map_err(|wait| {
                 metrics::auth_refused(metrics::budget::INVALID_RESUME);
                 rate_limited(

@@ -50,10 +50,11 @@ pub(crate) fn untrusted_refusal(wait: std::time::Duration) -> WireError {
 impl Session {
     /// Refuses early, before any store read, when an attempt without a cookie would spend an
     /// exhausted untrusted budget.
-    pub(crate) fn check_untrusted(&self, username_key: &str) -> Result<(), WireError> {
+    pub(crate) async fn check_untrusted(&self, username_key: &str) -> Result<(), WireError> {
         self.shared
             .login_failures
             .check(&username_key.to_owned())
+            .await
             .map_err(untrusted_refusal)
     }
 
@@ -92,6 +93,7 @@ impl Session {
                 .shared
                 .login_failures
                 .check(key)
+                .await
                 .map_err(untrusted_refusal)?,
         }
         Ok(budget)
