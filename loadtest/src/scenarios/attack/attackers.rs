@@ -177,27 +177,33 @@ pub async fn slow_readers(
         };
         ctx.tally.add(NAME, "stalled_readers", 1);
         ids.push(user_id);
-        tasks.push(tokio::spawn(hold_stalled(ctx.clone(), raw, token, opts, source)));
+        tasks.push(tokio::spawn(hold_stalled(
+            ctx.clone(),
+            raw,
+            token,
+            opts,
+            source,
+        )));
     }
     if ids.is_empty() {
         return tasks;
     }
     let ids = Arc::new(ids);
     for (f, flooder) in flooders.into_iter().enumerate() {
-        tasks.push(tokio::spawn(flood(ctx.clone(), flooder, ids.clone(), f, body)));
+        tasks.push(tokio::spawn(flood(
+            ctx.clone(),
+            flooder,
+            ids.clone(),
+            f,
+            body,
+        )));
     }
     tasks
 }
 
 /// Keeps one stalled reader alive: a ping now and then (written, never read), and when the
 /// write fails because the daemon closed the connection, a resume that stalls again.
-async fn hold_stalled(
-    ctx: Ctx,
-    mut raw: Raw,
-    token: Bytes,
-    opts: ConnectOptions,
-    source: IpAddr,
-) {
+async fn hold_stalled(ctx: Ctx, mut raw: Raw, token: Bytes, opts: ConnectOptions, source: IpAddr) {
     const NAME: &str = "slow_readers";
     let mut stalled = VecDeque::new();
     while ctx.pause(Duration::from_secs(2)).await {
@@ -444,7 +450,8 @@ pub async fn lockout(ctx: &Ctx, usernames: Vec<String>) -> JoinHandle<()> {
             }
         }
     }
-    ctx.tally.add(NAME, "accounts_locked_for_unknown_devices", locked);
+    ctx.tally
+        .add(NAME, "accounts_locked_for_unknown_devices", locked);
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let mut pacer = ctx.pacer();
@@ -566,6 +573,7 @@ pub fn admin_exhaustion(ctx: &Ctx, admin: String, connections: usize) -> Vec<Joi
                         }
                         continue;
                     };
+                    ctx.tally.add(NAME, "opened", 1);
                     let mut first = [0u8; 64];
                     let read = tokio::select! {
                         _ = ctx.stop.cancelled() => break,

@@ -237,16 +237,29 @@ pub async fn run(params: &Params, opts: &AttackOptions) -> anyhow::Result<Outcom
     if let Some(w) = &watch {
         w.take_peak();
     }
-    let ctx = Ctx::new(params.fleet.connect_options(0), sources.clone(), opts.attack_rate);
+    let ctx = Ctx::new(
+        params.fleet.connect_options(0),
+        sources.clone(),
+        opts.attack_rate,
+    );
     let tasks = start(&ctx, &attacks, roles, &usernames, opts).await;
     let (b, mut attacked) = measure(
-        "attack", params, opts, members, &cookies, admin_up, &probe_opts,
+        "attack",
+        params,
+        opts,
+        members,
+        &cookies,
+        admin_up,
+        &probe_opts,
     )
     .await?;
     ctx.stop.cancel();
     for t in tasks {
         // Every attack stops at once when told; a stuck one is not worth waiting for.
-        if tokio::time::timeout(Duration::from_secs(10), t).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .is_err()
+        {
             tracing::warn!("an attacker did not stop within 10 s");
         }
     }
@@ -359,9 +372,7 @@ async fn attacker_accounts(
             }
             i if i < storm_at => roles.flooders.push(m),
             i if i == storm_at && attacks.contains(&Attack::ResumeStorm) => roles.storm = Some(m),
-            i if i == lookup_at && attacks.contains(&Attack::Lookups) => {
-                roles.enumerator = Some(m)
-            }
+            i if i == lookup_at && attacks.contains(&Attack::Lookups) => roles.enumerator = Some(m),
             _ => m.client.close().await,
         }
     }
