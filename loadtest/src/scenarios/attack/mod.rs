@@ -153,13 +153,32 @@ const COUNTER_FAMILIES: &[&str] = &[
     "messenger_catch_up_reads_total",
 ];
 
-/// Users of the attacker accounts, under their own prefix so a bystander never inherits a
-/// flooded inbox.
+/// The attacker accounts, under their own prefix so a bystander never inherits a flooded
+/// inbox. Only the stalled readers' accounts are known by name; the others are signed in when
+/// the attack starts, so their own catching up (a flooder's copies of what it sent in earlier
+/// runs) happens under attack, not in the baseline.
 struct Roles {
+    fleet: FleetOptions,
     victims: Vec<(String, u64)>,
-    flooders: Vec<Member>,
-    storm: Option<Member>,
-    enumerator: Option<Member>,
+    flooders: std::ops::Range<u32>,
+    storm: Option<u32>,
+    enumerator: Option<u32>,
+}
+
+impl Roles {
+    /// Signs in the attacker accounts `range` (by token, as the fleet does).
+    async fn sign_in(&self, range: std::ops::Range<u32>) -> Vec<Member> {
+        if range.is_empty() {
+            return Vec::new();
+        }
+        match fleet::connect(&self.fleet, range.start, range.end - range.start, 1, None).await {
+            Ok((members, _)) => members,
+            Err(e) => {
+                tracing::warn!(error = %e, "attacker accounts could not sign in");
+                Vec::new()
+            }
+        }
+    }
 }
 
 pub async fn run(params: &Params, opts: &AttackOptions) -> anyhow::Result<Outcome> {
@@ -206,7 +225,7 @@ pub async fn run(params: &Params, opts: &AttackOptions) -> anyhow::Result<Outcom
         source_ips: sources.clone(),
         ..params.fleet.clone()
     };
-    let roles = attacker_accounts(&attacker_fleet, &attacks, opts).await?;
+    let roles = attacker_accounts(attacker_fleet, &attacks, opts).await?;
 
     let pid = params.daemon_pid;
     let rss = |p: Option<u32>| p.and_then(stats::sample).map(|s| mib(s.rss_bytes));
@@ -345,9 +364,9 @@ fn headline(r: &AttackReport) -> BTreeMap<String, f64> {
     e
 }
 
-/// Creates (or signs in) the accounts the chosen attacks need, from the attacker addresses.
+/// Creates the accounts the chosen attacks need (from the attacker addresses), and leaves.
 async fn attacker_accounts(
-    fleet_opts: &FleetOptions,
+    fleet_opts: FleetOptions,
     attacks: &[Attack],
     opts: &AttackOptions,
 ) -> anyhow::Result<Roles> {
@@ -356,25 +375,19 @@ async fn attacker_accounts(
     let flooders = if slow { opts.flooders.max(1) } else { 0 };
     let storm_at = victims + flooders;
     let lookup_at = storm_at + 1;
-    let count = lookup_at + 1;
+    let (members, _) = fleet::connect(&fleet_opts, 0, lookup_at + 1, 1, None).await?;
     let mut roles = Roles {
+        fleet: fleet_opts,
         victims: Vec::new(),
-        flooders: Vec::new(),
-        storm: None,
-        enumerator: None,
+        flooders: victims..storm_at,
+        storm: attacks.contains(&Attack::ResumeStorm).then_some(storm_at),
+        enumerator: attacks.contains(&Attack::Lookups).then_some(lookup_at),
     };
-    let (members, _) = fleet::connect(fleet_opts, 0, count, 1, None).await?;
     for m in members {
-        match m.index {
-            i if i < victims => {
-                roles.victims.push((m.username.clone(), m.user_id));
-                m.client.close().await;
-            }
-            i if i < storm_at => roles.flooders.push(m),
-            i if i == storm_at && attacks.contains(&Attack::ResumeStorm) => roles.storm = Some(m),
-            i if i == lookup_at && attacks.contains(&Attack::Lookups) => roles.enumerator = Some(m),
-            _ => m.client.close().await,
+        if m.index < victims {
+            roles.victims.push((m.username.clone(), m.user_id));
         }
+        m.client.close().await;
     }
     Ok(roles)
 }
@@ -394,13 +407,19 @@ async fn start(
             Attack::All => {}
             Attack::SlowReaders => {
                 let victims = std::mem::take(&mut roles.victims);
-                let flooders = std::mem::take(&mut roles.flooders);
+                let flooders = roles.sign_in(roles.flooders.clone()).await;
                 tasks.extend(attackers::slow_readers(ctx, victims, flooders, opts.flood_body).await)
             }
             Attack::HalfFrames => tasks.extend(attackers::half_frames(ctx, opts.half_frames)),
             Attack::ResumeStorm => {
-                if let Some(m) = roles.storm.take() {
-                    tasks.push(attackers::resume_storm(ctx, m));
+                if let Some(i) = roles.storm {
+                    tasks.extend(
+                        roles
+                            .sign_in(i..i + 1)
+                            .await
+                            .into_iter()
+                            .map(|m| attackers::resume_storm(ctx, m)),
+                    );
                 }
             }
             Attack::Lockout => tasks.push(attackers::lockout(ctx, usernames.to_vec()).await),
@@ -411,8 +430,14 @@ async fn start(
                 opts.admin_connections,
             )),
             Attack::Lookups => {
-                if let Some(m) = roles.enumerator.take() {
-                    tasks.push(attackers::lookups(ctx, m));
+                if let Some(i) = roles.enumerator {
+                    tasks.extend(
+                        roles
+                            .sign_in(i..i + 1)
+                            .await
+                            .into_iter()
+                            .map(|m| attackers::lookups(ctx, m)),
+                    );
                 }
             }
             Attack::Connections => tasks.extend(attackers::connection_flood(ctx, opts.connections)),
