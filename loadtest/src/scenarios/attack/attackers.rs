@@ -254,9 +254,19 @@ async fn hold_stalled(ctx: Ctx, mut raw: Raw, token: Bytes, opts: ConnectOptions
 async fn flood(ctx: Ctx, flooder: Member, victims: Arc<Vec<u64>>, f: usize, body: usize) {
     const NAME: &str = "slow_readers";
     let conn = flooder.client.conn().clone();
-    // A flooder gets its own copies; reading them keeps its answers from queueing behind them.
+    // A flooder gets its own copies; reading (and acknowledging) them keeps its answers from
+    // queueing behind them, and a later run from replaying them.
     let mut own = flooder.client;
-    let reader = tokio::spawn(async move { while own.next_event().await.is_some() {} });
+    let reader = tokio::spawn(async move {
+        let mut unacked = 0u32;
+        while own.next_event().await.is_some() {
+            unacked += 1;
+            if unacked >= 256 {
+                let _ = own.ack_seen().await;
+                unacked = 0;
+            }
+        }
+    });
     let payload = Bytes::from(vec![b'A'; body]);
     let mut i = f;
     while !ctx.stop.is_cancelled() {
