@@ -205,7 +205,16 @@ pub async fn run(params: &Params, opts: &AttackOptions) -> anyhow::Result<Outcom
     let usernames: Vec<String> = (0..users)
         .map(|i| format!("{}{i}", params.fleet.prefix))
         .collect();
-    let (members, _) = connect_members(params, 0, users).await?;
+    let mut setup = params.clone();
+    // A first run registers every account: no more password hashes at once than the daemon's
+    // hash queue takes (later runs resume by token and connect at full speed).
+    setup.fleet.connect_concurrency = params.fleet.connect_concurrency.min(4);
+    let (members, _) = connect_members(&setup, 0, users).await?;
+    anyhow::ensure!(
+        members.len() == users as usize,
+        "only {} of {users} bystanders could sign in",
+        members.len()
+    );
     for m in members {
         m.client.close().await;
     }
@@ -223,6 +232,9 @@ pub async fn run(params: &Params, opts: &AttackOptions) -> anyhow::Result<Outcom
     let attacker_fleet = FleetOptions {
         prefix: format!("{}-atk", params.fleet.prefix),
         source_ips: sources.clone(),
+        // Registrations hash passwords: more at once than the daemon's hash queue takes are
+        // refused, and the fleet does not retry them.
+        connect_concurrency: params.fleet.connect_concurrency.min(4),
         ..params.fleet.clone()
     };
     let roles = attacker_accounts(attacker_fleet, &attacks, opts).await?;
