@@ -117,6 +117,8 @@ pub struct PhaseReport {
     /// `None` when the admin address did not answer before the run.
     pub healthz: Option<HealthProbe>,
     pub daemon_rss_peak_mib: Option<f64>,
+    /// The daemon's own memory gauges at their highest, when its admin port answered.
+    pub daemon_gauges: Option<probes::GaugePeaks>,
 }
 
 /// Everything `attack` found, beside the usual outcome (which is phase B's).
@@ -360,6 +362,9 @@ fn headline(r: &AttackReport) -> BTreeMap<String, f64> {
         if let Some(peak) = p.daemon_rss_peak_mib {
             e.insert(format!("{phase}_daemon_rss_peak_mib"), peak);
         }
+        if let Some(v) = p.daemon_gauges.as_ref().and_then(|g| g.buffered_mib) {
+            e.insert(format!("{phase}_daemon_buffered_peak_mib"), v);
+        }
         if let Some(h) = &p.healthz {
             e.insert(format!("{phase}_healthz_failed"), h.failed as f64);
         }
@@ -472,6 +477,7 @@ async fn measure(
     let plan = pair_plan(&members, 0, opts.pairs);
     let stop = tokio_util::sync::CancellationToken::new();
     let health = admin_up.then(|| tokio::spawn(probes::healthz(opts.admin.clone(), stop.clone())));
+    let gauges = admin_up.then(|| tokio::spawn(probes::gauges(opts.admin.clone(), stop.clone())));
     let logins = tokio::spawn(probes::cookie_logins(
         probe_opts.clone(),
         cookies.to_vec(),
@@ -486,6 +492,10 @@ async fn measure(
         Some(h) => Some(h.await?),
         None => None,
     };
+    let daemon_gauges = match gauges {
+        Some(g) => Some(g.await?),
+        None => None,
+    };
     let outcome = outcome?;
     let report = PhaseReport {
         measured_secs: outcome.measured_secs,
@@ -496,6 +506,7 @@ async fn measure(
         cookie_logins,
         healthz,
         daemon_rss_peak_mib: None,
+        daemon_gauges,
     };
     Ok((outcome, report))
 }

@@ -136,6 +136,46 @@ pub struct RssWatch {
     stop: Arc<AtomicBool>,
 }
 
+/// Peaks of the daemon's own memory gauges (from its `/metrics`, once a second, when the
+/// admin port answers — it may not, while the admin attack holds it).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GaugePeaks {
+    /// `messenger_buffered_bytes`: what the memory budget bounds.
+    pub buffered_mib: Option<f64>,
+    /// `messenger_memory_allocated_bytes`: the allocator's live bytes.
+    pub allocated_mib: Option<f64>,
+    /// Scrapes that got no numbers.
+    pub scrapes_failed: u64,
+}
+
+const GAUGES: [&str; 2] = [
+    "messenger_buffered_bytes",
+    "messenger_memory_allocated_bytes",
+];
+
+/// Samples [`GaugePeaks`] until the phase ends.
+pub async fn gauges(admin: String, stop: CancellationToken) -> GaugePeaks {
+    let mut peaks = GaugePeaks::default();
+    let max = |slot: &mut Option<f64>, v: Option<&f64>| {
+        if let Some(&v) = v {
+            *slot = Some(slot.unwrap_or(0.0).max(v / 1_048_576.0));
+        }
+    };
+    loop {
+        match crate::daemon_metrics::scrape_prefixed(&admin, &GAUGES).await {
+            Some(m) if !m.is_empty() => {
+                max(&mut peaks.buffered_mib, m.get(GAUGES[0]));
+                max(&mut peaks.allocated_mib, m.get(GAUGES[1]));
+            }
+            _ => peaks.scrapes_failed += 1,
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return peaks,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 impl RssWatch {
     pub fn start(pid: u32) -> Self {
         let peak = Arc::new(AtomicU64::new(0));
