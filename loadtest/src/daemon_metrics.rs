@@ -21,6 +21,21 @@ const WATCHED: &[&str] = &[
 
 /// Scrapes `/metrics`; `None` if the admin address does not answer.
 pub async fn scrape(admin: &str) -> Option<BTreeMap<String, f64>> {
+    let text = fetch(admin).await?;
+    Some(parse(&text, |name| WATCHED.contains(&name)))
+}
+
+/// Every sample (labelled ones included, named with their labels) of the metric families
+/// starting with one of `prefixes`; `None` if the admin address does not answer, and an
+/// empty map if it answers with something else (an admin port at its connection cap).
+pub async fn scrape_prefixed(admin: &str, prefixes: &[&str]) -> Option<BTreeMap<String, f64>> {
+    let text = fetch(admin).await?;
+    Some(parse(&text, |name| {
+        prefixes.iter().any(|p| name.starts_with(p))
+    }))
+}
+
+async fn fetch(admin: &str) -> Option<String> {
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
@@ -30,21 +45,24 @@ pub async fn scrape(admin: &str) -> Option<BTreeMap<String, f64>> {
         s.read_to_string(&mut text).await.ok()?;
         Some(text)
     };
-    let text = tokio::time::timeout(Duration::from_secs(3), fetch)
+    tokio::time::timeout(Duration::from_secs(3), fetch)
         .await
-        .ok()??;
+        .ok()?
+}
+
+fn parse(text: &str, wanted: impl Fn(&str) -> bool) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((name, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        if WATCHED.contains(&name)
+        if wanted(name)
             && let Ok(v) = value.parse::<f64>()
         {
             out.insert(name.to_string(), v);
         }
     }
-    Some(out)
+    out
 }
 
 /// `after - before` for every watched counter seen after the run.

@@ -140,6 +140,52 @@ enum Scenario {
         #[arg(long, default_value_t = 50)]
         size: u32,
     },
+    /// The audit's attacks (issue 11) against a running daemon: `direct` pairs alone (phase A),
+    /// then the same while the attacks run from other loopback addresses (phase B). Reports
+    /// both phases' latency and their p99 ratio, both delivery checks, the bystanders' cookie
+    /// logins, the daemon's memory and what each attack achieved. --rate defaults to 200.
+    Attack {
+        #[arg(long, default_value_t = 20)]
+        pairs: u32,
+        /// Attacks to run, comma-separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
+        attacks: Vec<scenarios::attack::Attack>,
+        /// Loopback addresses the attackers connect from (after the bystanders' addresses:
+        /// 127.0.0.2, 127.0.0.3, ... by default).
+        #[arg(long, default_value_t = 16)]
+        attack_ips: usize,
+        /// slow-readers: stalled connections (one attacker account each).
+        #[arg(long, default_value_t = 16)]
+        slow_readers: u32,
+        /// slow-readers: accounts flooding them.
+        #[arg(long, default_value_t = 2)]
+        flooders: u32,
+        /// slow-readers: body size of the flood's messages in bytes.
+        #[arg(long, default_value_t = 60 * 1024)]
+        flood_body: usize,
+        /// half-frames: connections holding a half-sent frame.
+        #[arg(long, default_value_t = 200)]
+        half_frames: usize,
+        /// connections: unauthenticated connections held open.
+        #[arg(long, default_value_t = 500)]
+        connections: usize,
+        /// admin: idle connections to the admin port.
+        #[arg(long, default_value_t = 200)]
+        admin_connections: usize,
+        /// Operations per second of each paced attack (resume storm, lockout, invalid
+        /// resumes, lookups); 0: as fast as answers come.
+        #[arg(long, default_value_t = 100.0)]
+        attack_rate: f64,
+        /// Bystander accounts whose own devices log in with their login cookies in each phase.
+        #[arg(long, default_value_t = 4)]
+        probe_accounts: u32,
+        /// Cookie logins per phase (one every 500 ms).
+        #[arg(long, default_value_t = 8)]
+        probe_logins: u64,
+        /// Seconds after the attack before the daemon's memory is read again.
+        #[arg(long, default_value_t = 5.0)]
+        settle: f64,
+    },
     /// Chaos soak: starts a local cluster (three messengerd on PostgreSQL and Redis behind
     /// HAProxy) and a single SQLite node, cycles faults under traffic for N rounds, prints a
     /// table per fault. Uses the global --rate and --json only.
@@ -206,6 +252,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             groups,
             size,
         } => pairs * 2 + groups * size,
+        Scenario::Attack { pairs, .. } => pairs * 2,
         Scenario::Chaos(_) => 0,
     };
     let token_cache = cli.token_cache.clone().or_else(|| {
@@ -241,7 +288,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             request_timeout: secs(cli.request_timeout),
             event_buffer: 1024,
         },
-        rate: cli.rate,
+        rate: match cli.scenario {
+            Scenario::Attack { .. } => cli.rate.or(Some(200.0)),
+            _ => cli.rate,
+        },
         duration: secs(duration),
         messages_per_sender: cli.messages,
         accepted: None,
@@ -269,6 +319,39 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             groups,
             size,
         } => scenarios::mixed::run(&params, *pairs, *groups, *size).await?,
+        Scenario::Attack {
+            pairs,
+            attacks,
+            attack_ips,
+            slow_readers,
+            flooders,
+            flood_body,
+            half_frames,
+            connections,
+            admin_connections,
+            attack_rate,
+            probe_accounts,
+            probe_logins,
+            settle,
+        } => {
+            let opts = scenarios::attack::AttackOptions {
+                pairs: *pairs,
+                attacks: attacks.clone(),
+                attack_ips: *attack_ips,
+                slow_readers: *slow_readers,
+                flooders: *flooders,
+                flood_body: *flood_body,
+                half_frames: *half_frames,
+                connections: *connections,
+                admin_connections: *admin_connections,
+                attack_rate: *attack_rate,
+                probe_accounts: *probe_accounts,
+                probe_logins: *probe_logins,
+                admin: cli.admin.clone(),
+                settle: secs(*settle),
+            };
+            scenarios::attack::run(&params, &opts).await?
+        }
         Scenario::Chaos(_) => anyhow::bail!("chaos runs on its own"),
     };
     if let (Some(before), Some(after)) = (&metrics_before, daemon_metrics::scrape(&cli.admin).await)
@@ -305,7 +388,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     }
     let o = &report.outcome;
     let messaging = !matches!(cli.scenario, Scenario::Idle { .. });
+    // Under attack, a bystander that cannot log in with its own cookie is a broken promise too.
+    let bystanders_got_in = o.attack.as_ref().is_none_or(|a| {
+        [&a.baseline, &a.attacked]
+            .iter()
+            .all(|p| p.cookie_logins.succeeded == p.cookie_logins.attempted)
+    });
     let clean = o.check.clean()
+        && bystanders_got_in
         && (!messaging || o.delivered > 0)
         && report.peers.iter().all(|p| p.check.clean());
     if cli.cleanup {

@@ -94,6 +94,25 @@ impl Report {
         for (k, v) in &o.extra {
             row(k, format!("{v:.2}"));
         }
+        if let Some(a) = &o.attack {
+            row("A (baseline)", a.baseline.latency.human());
+            row("B (under attack)", a.attacked.latency.human());
+            row("A check", a.baseline.check.summary());
+            row("B check", a.attacked.check.summary());
+            for (name, counts) in &a.attackers {
+                let line: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                row(&format!("attack {name}"), line.join(", "));
+            }
+            for (k, v) in &a.skipped {
+                row(&format!("skipped {k}"), v.clone());
+            }
+            for (k, v) in &a.daemon_counters {
+                row(
+                    k.trim_start_matches("messenger_"),
+                    format!("{v:.0} (daemon, phase B)"),
+                );
+            }
+        }
         row("check", o.check.summary());
         // The pairs behind a failed check, by name: sender, recipient, client_msg_id, seq, nodes.
         for line in o.check.named().lines() {

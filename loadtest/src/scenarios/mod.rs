@@ -1,6 +1,8 @@
 //! Scenarios: each builds its users and a sending plan, then `run_messaging` drives it and
-//! measures. `idle` and `storm` measure connections and catch-up instead.
+//! measures. `idle` and `storm` measure connections and catch-up instead; `attack` runs
+//! `direct` twice, alone and under attack.
 
+pub mod attack;
 pub mod direct;
 pub mod group;
 pub mod idle;
@@ -74,6 +76,9 @@ pub struct Outcome {
     pub daemon_metrics: std::collections::BTreeMap<String, f64>,
     /// Scenario-specific figures (memory per connection, catch-up time, ...).
     pub extra: std::collections::BTreeMap<String, f64>,
+    /// `attack` only: both phases, the daemon's memory, what each attack achieved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attack: Option<attack::AttackReport>,
     /// p99 latency per second of the run, for the plot.
     #[serde(skip)]
     pub timeline_p99_us: Vec<(f64, u64)>,
@@ -279,6 +284,7 @@ pub async fn run_messaging(
         harness,
         daemon,
         extra: Default::default(),
+        attack: None,
         daemon_metrics: Default::default(),
         timeline_p99_us: timeline,
     })
