@@ -58,7 +58,7 @@ type LastWords = Arc<Mutex<Option<Bytes>>>;
 /// until it is written or dropped.
 pub struct Queued {
     pub bytes: Bytes,
-    _charge: Charge,
+    charge: Charge,
 }
 
 #[derive(Debug)]
@@ -85,7 +85,7 @@ impl Outbound {
         self.tx
             .send(Queued {
                 bytes: buf.freeze(),
-                _charge: charge,
+                charge,
             })
             .await
             .map_err(|_| Closed)
@@ -199,8 +199,9 @@ pub async fn run<W, R>(
     R: AsyncRead + Unpin,
 {
     let mut buf = BytesMut::new();
-    // Charges of the frames in `buf`, released once they are written.
-    let mut charged: Vec<Queued> = Vec::new();
+    // Charges of the frames copied into `buf` (their own bytes are let go once copied, so a
+    // frame is held once, not twice), released once `buf` is written.
+    let mut charged: Vec<Charge> = Vec::new();
     let discarded = rx.discard_signal();
     loop {
         let first = match rx.next().await {
@@ -227,9 +228,10 @@ pub async fn run<W, R>(
         };
         let mut frames = 0u64;
         let mut next = Some(first);
-        while let Some(frame) = next.take() {
-            buf.extend_from_slice(&frame.bytes);
-            charged.push(frame);
+        while let Some(Queued { bytes, charge }) = next.take() {
+            buf.extend_from_slice(&bytes);
+            drop(bytes);
+            charged.push(charge);
             frames += 1;
             if buf.len() < COALESCE_BYTES {
                 next = rx.try_next();
