@@ -15,6 +15,8 @@ use crate::session::rate_limited;
 pub struct AccountBudgets {
     /// Messages sent (1 per send, checked before the store).
     pub sends: Limiter<UserId>,
+    /// Message-body bytes sent (a message costs its body's size, checked before the store).
+    pub send_bytes: Limiter<UserId>,
     /// Inbox entries created by the account's sends (their fan-out, charged after the store).
     pub recipients: Limiter<UserId>,
     /// Read requests.
@@ -32,6 +34,10 @@ impl AccountBudgets {
             sends: Limiter::new(
                 "sends",
                 Allowance::per_second(l.messages_per_second, l.message_burst),
+            ),
+            send_bytes: Limiter::new(
+                "send_bytes",
+                Allowance::per_second(l.send_bytes_per_second, l.send_bytes_burst),
             ),
             recipients: Limiter::new(
                 "recipients",
@@ -57,6 +63,7 @@ impl AccountBudgets {
     pub fn share_through(&mut self, shared: Arc<dyn SharedBudgets>) {
         for limiter in [
             &mut self.sends,
+            &mut self.send_bytes,
             &mut self.recipients,
             &mut self.reads,
             &mut self.lookups,
@@ -76,6 +83,12 @@ pub fn refused(limiter: &Limiter<UserId>, wait: Duration) -> WireError {
     let what = match limiter.name() {
         "sends" => format!(
             "sending too fast: at most {} messages per second per account (burst {})",
+            fmt(a.rate),
+            fmt(a.burst)
+        ),
+        "send_bytes" => format!(
+            "sending too many bytes: at most {} bytes of message bodies per second per account \
+             (burst {})",
             fmt(a.rate),
             fmt(a.burst)
         ),

@@ -101,6 +101,12 @@ pub struct Limits {
     /// Sustained inbox entries per second one account's sends may create: a direct message
     /// costs 2 (the recipient's and the sender's own), a group message one per member.
     pub recipients_per_second: u32,
+    /// Sustained message-body bytes per second one account may send (a message costs its
+    /// body's size): the message rate alone let a few accounts write 24 MB/s of 60 KiB bodies.
+    pub send_bytes_per_second: u32,
+    /// Message-body bytes one account may send at once above the sustained rate (at least
+    /// `max_body_bytes`, so every message can pass).
+    pub send_bytes_burst: u32,
     /// Inbox entries one account's sends may create at once (a send is admitted while the
     /// account is not in debt; its fan-out is charged when it is stored).
     pub recipient_burst: u32,
@@ -157,6 +163,8 @@ impl Default for Limits {
             messages_per_second: 50,
             message_burst: 200,
             recipients_per_second: 5_000,
+            send_bytes_per_second: 1024 * 1024,
+            send_bytes_burst: 8 * 1024 * 1024,
             recipient_burst: 20_000,
             reads_per_second: 50,
             read_burst: 500,
@@ -504,6 +512,7 @@ impl Config {
             ("messages_per_second", l.messages_per_second),
             ("message_burst", l.message_burst),
             ("recipients_per_second", l.recipients_per_second),
+            ("send_bytes_per_second", l.send_bytes_per_second),
             ("recipient_burst", l.recipient_burst),
             ("reads_per_second", l.reads_per_second),
             ("read_burst", l.read_burst),
@@ -516,6 +525,12 @@ impl Config {
         ];
         if let Some((name, _)) = budgets.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limits.{name} must be > 0"));
+        }
+        if (l.send_bytes_burst as usize) < l.max_body_bytes {
+            return Err(format!(
+                "limits.send_bytes_burst ({}) must be at least limits.max_body_bytes ({}): else a message of the largest size could never be sent",
+                l.send_bytes_burst, l.max_body_bytes
+            ));
         }
         if l.max_inbox_backlog == 0 || l.max_conversation_messages == 0 {
             return Err(
@@ -700,6 +715,12 @@ pub struct Overrides {
     /// Sustained inbox entries per second an account's sends may create (fan-out) [default: 5000]
     #[arg(long, env = "MESSENGER_RECIPIENTS_PER_SECOND", global = true)]
     pub recipients_per_second: Option<u32>,
+    /// Message-body bytes per second per account [default: 1048576]
+    #[arg(long, env = "MESSENGER_SEND_BYTES_PER_SECOND", global = true)]
+    pub send_bytes_per_second: Option<u32>,
+    /// Message-body bytes per account at once above the sustained rate [default: 8388608]
+    #[arg(long, env = "MESSENGER_SEND_BYTES_BURST", global = true)]
+    pub send_bytes_burst: Option<u32>,
     /// Inbox entries an account's sends may create at once [default: 20000]
     #[arg(long, env = "MESSENGER_RECIPIENT_BURST", global = true)]
     pub recipient_burst: Option<u32>,
@@ -854,6 +875,8 @@ impl Overrides {
         set(&mut l.messages_per_second, &self.messages_per_second);
         set(&mut l.message_burst, &self.message_burst);
         set(&mut l.recipients_per_second, &self.recipients_per_second);
+        set(&mut l.send_bytes_per_second, &self.send_bytes_per_second);
+        set(&mut l.send_bytes_burst, &self.send_bytes_burst);
         set(&mut l.recipient_burst, &self.recipient_burst);
         set(&mut l.reads_per_second, &self.reads_per_second);
         set(&mut l.read_burst, &self.read_burst);

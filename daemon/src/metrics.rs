@@ -162,6 +162,7 @@ const AUTH_BUDGETS: &[&str] = &[
 /// Per-account budgets (`AccountBudgets`), by the name each uses in Redis keys.
 pub const BUDGETS: &[&str] = &[
     "sends",
+    "send_bytes",
     "recipients",
     "reads",
     "lookups",

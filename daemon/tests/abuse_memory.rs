@@ -414,6 +414,8 @@ async fn the_daemon_process_stays_under_its_memory_ceiling_under_attack() {
         ])
         .args(["--auth-attempts-per-ip", "100000"])
         .args(["--max-connections-per-ip", "10000"])
+        .args(["--send-bytes-per-second", "4000000000"])
+        .args(["--send-bytes-burst", "4000000000"])
         .args(["--write-stall-timeout", "3600", "--idle-timeout", "3600"])
         .args(["--max-buffered-bytes", &BUDGET.to_string()])
         .env("RUST_LOG", "warn")

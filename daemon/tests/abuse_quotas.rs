@@ -528,3 +528,48 @@ async fn failed_logins_spread_over_two_nodes_share_one_budget() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// The message rate alone let a few accounts write 24 MB/s of 60 KiB bodies to the store
+/// (found by `messenger-loadtest attack`): an account's sends are also bounded in bytes, and a
+/// refused send stores and delivers nothing.
+#[tokio::test]
+async fn an_account_cannot_send_more_bytes_than_its_budget() {
+    const BURST: u32 = 200_000;
+    let ts = TestServer::start_with(|c| {
+        c.limits.send_bytes_per_second = 1_000;
+        c.limits.send_bytes_burst = BURST;
+    })
+    .await;
+    let (alice, _) = ts.open_user("alice").await;
+    let (mut bob, bob_user) = ts.open_user("bob").await;
+    let body = bytes::Bytes::from(vec![b'x'; 60 * 1024]);
+    let mut accepted = 0;
+    let mut refused = Vec::new();
+    for i in 0..6 {
+        match alice
+            .conn()
+            .send_message(
+                Recipient::User(bob_user.user_id),
+                &format!("big-{i}"),
+                body.clone(),
+                "application/octet-stream",
+            )
+            .await
+        {
+            Ok(_) => accepted += 1,
+            Err(e) => refused.push(e),
+        }
+    }
+    // 200,000 bytes of burst hold three 61,440-byte bodies; the rest waits at 1,000 bytes/s.
+    assert_eq!(accepted, 3, "{refused:?}");
+    all_rate_limited(&refused, "bytes of message bodies per second per account");
+    deliveries(&mut bob, accepted).await;
+    common::assert_quiet(&mut bob).await;
+    // A small message still fits in what is left.
+    alice
+        .conn()
+        .send_text(Recipient::User(bob_user.user_id), "hi")
+        .await
+        .expect("a small message fits");
+    ts.stop().await;
+}

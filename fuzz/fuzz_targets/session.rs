@@ -107,6 +107,8 @@ fn config(dir: &Path) -> Config {
     c.limits.messages_per_second = 1_000_000;
     c.limits.message_burst = 1_000_000;
     c.limits.recipients_per_second = 1_000_000;
+    c.limits.send_bytes_per_second = u32::MAX;
+    c.limits.send_bytes_burst = u32::MAX;
     c.limits.recipient_burst = 1_000_000;
     c.limits.reads_per_second = 1_000_000;
     c.limits.read_burst = 1_000_000;

@@ -20,6 +20,8 @@ async fn daemon(dir: &Path) -> RunningServer {
     c.limits.messages_per_second = 100_000;
     c.limits.message_burst = 100_000;
     c.limits.recipients_per_second = 100_000;
+    c.limits.send_bytes_per_second = u32::MAX;
+    c.limits.send_bytes_burst = u32::MAX;
     c.limits.recipient_burst = 100_000;
     c.limits.reads_per_second = 100_000;
     c.limits.read_burst = 100_000;

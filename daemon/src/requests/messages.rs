@@ -100,11 +100,18 @@ impl Session {
             .check(&sender)
             .await
             .map_err(|wait| account_budgets::refused(&budgets.recipients, wait))?;
+        let body_bytes = u32::try_from(r.body.len()).unwrap_or(u32::MAX);
+        budgets
+            .send_bytes
+            .check_cost(&sender, body_bytes)
+            .await
+            .map_err(|wait| account_budgets::refused(&budgets.send_bytes, wait))?;
         budgets
             .sends
             .hit(&sender)
             .await
             .map_err(|wait| account_budgets::refused(&budgets.sends, wait))?;
+        budgets.send_bytes.record_cost(&sender, body_bytes);
         let limits = &self.shared.config.limits;
         let quotas = AppendQuotas {
             inbox_backlog: limits.max_inbox_backlog,
