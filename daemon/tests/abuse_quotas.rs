@@ -93,52 +93,85 @@ async fn one_account_over_two_connections_cannot_exceed_its_send_rate() {
     ts.stop().await;
 }
 
+/// Two nodes of one cluster (a shared PostgreSQL and Redis), `adjust` applied to each node's
+/// configuration.
+struct TwoNodes {
+    a: RunningServer,
+    b: RunningServer,
+    _redis: TestRedis,
+    _database: TestDatabase,
+    _dir: tempfile::TempDir,
+}
+
+impl TwoNodes {
+    async fn start(database: &str, adjust: impl Fn(&mut Config)) -> Self {
+        let redis = TestRedis::start();
+        let database = TestDatabase::create(database).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node_config = |n: usize, first: Option<&RunningServer>| -> Config {
+            let node_dir = dir.path().join(format!("node{n}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let mut c = test_config(&node_dir);
+            common::use_postgres(&mut c, &database.url);
+            c.cluster.redis_url = Some(redis.url());
+            c.cluster.node_id = Some(format!("node{n}"));
+            adjust(&mut c);
+            if let Some(first) = first {
+                c.tls.cert = Some(first.cert_path.clone());
+                c.tls.key = Some(first.cert_path.with_file_name("key.pem"));
+            }
+            c
+        };
+        let a = RunningServer::start(node_config(0, None))
+            .await
+            .expect("node0");
+        let b = RunningServer::start(node_config(1, Some(&a)))
+            .await
+            .expect("node1");
+        Self {
+            a,
+            b,
+            _redis: redis,
+            _database: database,
+            _dir: dir,
+        }
+    }
+
+    async fn connect(&self, node: &RunningServer) -> Client {
+        let ca = self.a.dev_ca.clone().expect("development CA");
+        let mut o = ConnectOptions::new(node.addr.to_string(), Trust::CaFile(ca));
+        o.request_timeout = WAIT;
+        Client::connect(o).await.expect("connect")
+    }
+
+    async fn stop(self) {
+        self.a.shutdown().await;
+        self.b.shutdown().await;
+    }
+}
+
 /// F3 across nodes: the same account on two nodes of a cluster draws on one allowance (leased
 /// from Redis), not one per node.
 #[tokio::test]
 async fn one_account_on_two_nodes_cannot_exceed_its_send_rate() {
     const RATE: u32 = 2;
     const BURST: u32 = 10;
-    let redis = TestRedis::start();
-    let database = TestDatabase::create("msgquota").await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node_config = |n: usize, first: Option<&RunningServer>| -> Config {
-        let node_dir = dir.path().join(format!("node{n}"));
-        std::fs::create_dir_all(&node_dir).expect("node dir");
-        let mut c = test_config(&node_dir);
-        common::use_postgres(&mut c, &database.url);
-        c.cluster.redis_url = Some(redis.url());
-        c.cluster.node_id = Some(format!("node{n}"));
+    let nodes = TwoNodes::start("msgquota", |c| {
         c.limits.messages_per_second = RATE;
         c.limits.message_burst = BURST;
-        if let Some(first) = first {
-            c.tls.cert = Some(first.cert_path.clone());
-            c.tls.key = Some(first.cert_path.with_file_name("key.pem"));
-        }
-        c
-    };
-    let a = RunningServer::start(node_config(0, None))
-        .await
-        .expect("node0");
-    let b = RunningServer::start(node_config(1, Some(&a)))
-        .await
-        .expect("node1");
-    let ca = a.dev_ca.clone().expect("development CA");
-    let connect = |node: &RunningServer| {
-        let mut o = ConnectOptions::new(node.addr.to_string(), Trust::CaFile(ca.clone()));
-        o.request_timeout = WAIT;
-        Client::connect(o)
-    };
-    let mut on_a = connect(&a).await.expect("connect a");
+    })
+    .await;
+    let (a, b) = (&nodes.a, &nodes.b);
+    let mut on_a = nodes.connect(a).await;
     on_a.register("alice", PASSWORD, "Alice")
         .await
         .expect("register");
     on_a.login("alice", PASSWORD, "phone").await.expect("login");
-    let mut on_b = connect(&b).await.expect("connect b");
+    let mut on_b = nodes.connect(b).await;
     on_b.login("alice", PASSWORD, "laptop")
         .await
         .expect("login");
-    let mut bob = connect(&b).await.expect("connect bob");
+    let mut bob = nodes.connect(b).await;
     let bob_user = bob
         .register("bob", PASSWORD, "Bob")
         .await
@@ -156,8 +189,7 @@ async fn one_account_on_two_nodes_cannot_exceed_its_send_rate() {
     all_rate_limited(&refused, "messages per second per account");
     deliveries(&mut bob, accepted).await;
     common::assert_quiet(&mut bob).await;
-    a.shutdown().await;
-    b.shutdown().await;
+    nodes.stop().await;
 }
 
 /// F3: a 5,000-member group turned one send into 5,000 inbox rows, 117k rows/s from one
@@ -458,36 +490,12 @@ async fn a_conversation_at_its_history_quota_refuses_sends_with_a_clear_error() 
 #[tokio::test]
 async fn failed_logins_spread_over_two_nodes_share_one_budget() {
     const FAILURES: u32 = 4;
-    let redis = TestRedis::start();
-    let database = TestDatabase::create("msglogin").await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node_config = |n: usize, first: Option<&RunningServer>| -> Config {
-        let node_dir = dir.path().join(format!("node{n}"));
-        std::fs::create_dir_all(&node_dir).expect("node dir");
-        let mut c = test_config(&node_dir);
-        common::use_postgres(&mut c, &database.url);
-        c.cluster.redis_url = Some(redis.url());
-        c.cluster.node_id = Some(format!("node{n}"));
+    let nodes = TwoNodes::start("msglogin", |c| {
         c.limits.login_failures_per_account = FAILURES;
-        if let Some(first) = first {
-            c.tls.cert = Some(first.cert_path.clone());
-            c.tls.key = Some(first.cert_path.with_file_name("key.pem"));
-        }
-        c
-    };
-    let a = RunningServer::start(node_config(0, None))
-        .await
-        .expect("node0");
-    let b = RunningServer::start(node_config(1, Some(&a)))
-        .await
-        .expect("node1");
-    let ca = a.dev_ca.clone().expect("development CA");
-    let connect = |node: &RunningServer| {
-        let mut o = ConnectOptions::new(node.addr.to_string(), Trust::CaFile(ca.clone()));
-        o.request_timeout = WAIT;
-        Client::connect(o)
-    };
-    let mut owner = connect(&a).await.expect("connect");
+    })
+    .await;
+    let (a, b) = (&nodes.a, &nodes.b);
+    let mut owner = nodes.connect(a).await;
     owner
         .register("alice", PASSWORD, "Alice")
         .await
@@ -501,8 +509,8 @@ async fn failed_logins_spread_over_two_nodes_share_one_budget() {
     // Wrong passwords, alternating nodes, each on a fresh connection (as a bot would).
     let mut outcomes = Vec::new();
     for i in 0..FAILURES * 2 {
-        let node = if i % 2 == 0 { &a } else { &b };
-        let mut attacker = connect(node).await.expect("connect");
+        let node = if i % 2 == 0 { a } else { b };
+        let mut attacker = nodes.connect(node).await;
         let err = attacker
             .login("alice", "not the password", "bot")
             .await
@@ -520,13 +528,12 @@ async fn failed_logins_spread_over_two_nodes_share_one_budget() {
         "after {FAILURES} failures spread over two nodes the rest are refused: {outcomes:?}"
     );
     // The owner's known device, on the other node, is not locked out.
-    let mut back = connect(&b).await.expect("connect");
+    let mut back = nodes.connect(b).await;
     back.set_login_cookie("alice", cookie);
     back.login("alice", PASSWORD, "phone")
         .await
         .expect("the owner's known device signs in");
-    a.shutdown().await;
-    b.shutdown().await;
+    nodes.stop().await;
 }
 
 /// The message rate alone let a few accounts write 24 MB/s of 60 KiB bodies to the store
