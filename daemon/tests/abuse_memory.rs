@@ -365,16 +365,6 @@ async fn an_unauthenticated_client_cannot_make_the_server_buffer_a_large_frame()
     ts.stop().await;
 }
 
-/// Kills the daemon child even when an assertion fails first.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Resident memory of a process, from /proc.
 fn rss_bytes(pid: u32) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -425,7 +415,7 @@ async fn the_daemon_process_stays_under_its_memory_ceiling_under_attack() {
         .expect("spawn messengerd");
     let stdout = child.stdout.take().expect("stdout");
     let pid = child.id();
-    let _guard = KillOnDrop(child);
+    let _guard = common::KillOnDrop(child);
     let mut lines = std::io::BufReader::new(stdout).lines();
     let addr: std::net::SocketAddr = lines
         .by_ref()

@@ -23,16 +23,6 @@ const ADMIN_CAP: usize = 8;
 /// Far above what OPEN_FILES allows: the audit's case of a cap above the descriptor limit.
 const CONFIGURED: usize = 100_000;
 
-/// Kills the daemon child even when an assertion fails first.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Banner {
     addr: String,
     admin: std::net::SocketAddr,
@@ -40,7 +30,7 @@ struct Banner {
     open_files: u64,
 }
 
-fn spawn(dir: &Path, log: &Path) -> (KillOnDrop, Banner) {
+fn spawn(dir: &Path, log: &Path) -> (common::KillOnDrop, Banner) {
     let log_file = std::fs::File::create(log).expect("log file");
     // `ulimit -n` sets the soft and the hard limit: the daemon cannot raise it back.
     let mut child = std::process::Command::new("sh")
@@ -59,7 +49,7 @@ fn spawn(dir: &Path, log: &Path) -> (KillOnDrop, Banner) {
         .spawn()
         .expect("spawn messengerd");
     let stdout = child.stdout.take().expect("stdout");
-    let guard = KillOnDrop(child);
+    let guard = common::KillOnDrop(child);
     let mut lines = std::io::BufReader::new(stdout).lines();
     let mut addr = None;
     let mut admin = None;

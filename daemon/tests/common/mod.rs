@@ -200,3 +200,13 @@ pub fn use_postgres(c: &mut Config, url: &str) {
     c.store.postgres_pool_size = 4;
     c.store.postgres_timeout_secs = 2;
 }
+
+/// Kills a daemon child process even when an assertion fails first.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
